@@ -1,0 +1,163 @@
+//! The default client handler: runs a [`Protocol`] over a socket.
+//!
+//! One task per connection reads into a reused buffer, lets the session decode every
+//! complete frame and call the protocol for each, then writes all the replies of that
+//! read in one write. The loop also watches the protocol's timer and the server's
+//! shutdown signals. Everything protocol-specific lives in the sans-IO
+//! [`Session`](crate::protocol::Session); this module only moves bytes and time.
+
+use std::io;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant, Sleep};
+use tracing::field::display;
+use tracing::Span;
+
+use crate::connections::Connection;
+use crate::handler::Handler;
+use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
+
+/// Bytes reserved in the read buffer before each read.
+const READ_SIZE: usize = 8 * 1024;
+
+/// After the protocol closes a connection, how long unread input is drained so that
+/// closing does not reset the connection (and destroy the replies in flight).
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// How much unread input is drained at most after the protocol closes.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// The [`Handler`] that serves a [`Protocol`]: what
+/// [`Builder::protocol`](crate::Builder::protocol) installs.
+pub struct Driver<P: Protocol> {
+    /// Cloned for every connection, so that each gets a fresh codec.
+    codec: P::Codec,
+    _protocol: PhantomData<fn() -> P>,
+}
+
+impl<P: Protocol> Driver<P> {
+    /// A driver whose connections frame their bytes with clones of `codec`.
+    pub fn new(codec: P::Codec) -> Self {
+        Driver {
+            codec,
+            _protocol: PhantomData,
+        }
+    }
+}
+
+impl<P> Handler for Driver<P>
+where
+    P: Protocol,
+    P::Codec: Clone + Sync,
+{
+    async fn handle(&self, stream: TcpStream, conn: Connection) -> io::Result<()> {
+        drive::<P>(stream, self.codec.clone(), conn).await;
+        Ok(())
+    }
+}
+
+/// Serves one connection until it closes, and records the close reason in the span.
+async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connection) {
+    let span = Span::current();
+    let peer = Peer {
+        id: conn.id(),
+        peer_addr: conn.peer_addr(),
+        local_addr: conn.local_addr(),
+    };
+    let mut session = Session::<P>::connect(codec, peer);
+    let mut state = session.state_name();
+    span.record("state", display(state));
+
+    let drain = conn.shutdown_requested();
+    let abort = conn.aborted();
+    tokio::pin!(drain, abort);
+    let mut draining = false;
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    let mut armed = false;
+
+    let fallback = loop {
+        if !session.output.is_empty() {
+            let written = tokio::select! {
+                biased;
+                () = &mut abort => break CloseReason::Shutdown,
+                written = stream.write_all(&session.output) => written,
+            };
+            if let Err(e) = written {
+                break CloseReason::from_io(&e);
+            }
+            session.output.clear();
+        }
+        if session.state_name() != state {
+            state = session.state_name();
+            span.record("state", display(state));
+        }
+        if session.closing().is_some() {
+            if session.closing() != Some(&CloseReason::PeerClosed) {
+                linger(&mut stream, &mut abort).await;
+            }
+            break CloseReason::Closed;
+        }
+        match session.take_timer() {
+            Some(Timer::Arm(after)) => {
+                let deadline = Instant::now() + after;
+                match &mut timer {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => timer = Some(Box::pin(sleep_until(deadline))),
+                }
+                armed = true;
+            }
+            Some(Timer::Clear) => armed = false,
+            None => {}
+        }
+        if session.input.capacity() - session.input.len() < READ_SIZE / 2 {
+            session.input.reserve(READ_SIZE);
+        }
+        tokio::select! {
+            biased;
+            () = &mut abort => break CloseReason::Shutdown,
+            () = &mut drain, if !draining => {
+                draining = true;
+                session.shutdown();
+            }
+            read = stream.read_buf(&mut session.input) => match read {
+                Ok(0) => session.decode(true),
+                Ok(_) => session.decode(false),
+                Err(e) => break CloseReason::from_io(&e),
+            },
+            () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
+                armed = false;
+                session.timeout();
+            }
+        }
+    };
+    let reason = session.finish(fallback);
+    span.record("reason", display(&reason));
+}
+
+/// Closes our side and reads what the peer still sends, for a bounded time and amount,
+/// so that the kernel sends a FIN after our last reply rather than a reset that could
+/// destroy it.
+async fn linger(stream: &mut TcpStream, abort: &mut Pin<&mut impl std::future::Future<Output = ()>>) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let discard = async {
+        let mut scratch = [0u8; 4096];
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    tokio::select! {
+        () = discard => {}
+        () = tokio::time::sleep(LINGER_TIME) => {}
+        () = abort.as_mut() => {}
+    }
+}

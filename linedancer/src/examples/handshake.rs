@@ -1,0 +1,123 @@
+//! A line protocol with a login step, the original's "stateful authentication example".
+//!
+//! ```text
+//! Welcome to the stateful authentication example.
+//!
+//! You can login by writing 'login:<key>' where <key>
+//! is the number presented below
+//!
+//! auth-req:417022
+//! login:417022
+//! authenticated as 417022
+//! hello
+//! client[417022] -> hello
+//! ```
+
+use std::hash::{BuildHasher, RandomState};
+
+use crate::codec::Lines;
+use crate::protocol::{Ctx, Next, Protocol};
+
+/// The greeting sent on connect, line by line, before the first `auth-req:<key>`.
+pub const WELCOME: [&str; 5] = [
+    "Welcome to the stateful authentication example.",
+    "",
+    "You can login by writing 'login:<key>' where <key>",
+    "is the number presented below",
+    "",
+];
+
+/// Failed logins after which the server says so and closes the connection.
+pub const MAX_FAILED_LOGINS: u32 = 3;
+
+/// The handshake protocol's states.
+///
+/// On connect the server greets with [`WELCOME`] and a challenge, `auth-req:<key>`, with
+/// a random key from 1 to 1,000,000. The client answers `login:<key>`:
+///
+/// - the right key: `authenticated as <key>`, and from then on every line is answered
+///   `client[<key>] -> <line>`;
+/// - a wrong key: `authentication failed, try again` and a new challenge; after
+///   [`MAX_FAILED_LOGINS`] failures the server says so and closes;
+/// - any other line before login: a new challenge.
+///
+/// On server shutdown it says goodbye and closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    /// Waiting for `login:<key>` with the key of the last challenge.
+    AwaitingLogin {
+        /// The key of the last challenge.
+        key: u32,
+        /// Failed logins so far.
+        failures: u32,
+    },
+    /// Logged in: lines are answered with the key as the client's name.
+    Authenticated {
+        /// The key the client logged in with.
+        key: u32,
+    },
+}
+
+impl Handshake {
+    /// Sends a new challenge and waits for its answer.
+    fn challenge(failures: u32, ctx: &mut Ctx<'_, Self>) -> Self {
+        let key = new_key();
+        ctx.send(format!("auth-req:{key}"));
+        Handshake::AwaitingLogin { key, failures }
+    }
+}
+
+impl Protocol for Handshake {
+    type Codec = Lines;
+    type Reply = String;
+
+    fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
+        for line in WELCOME {
+            ctx.send(line.to_owned());
+        }
+        Handshake::challenge(0, ctx)
+    }
+
+    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
+        match *self {
+            Handshake::AwaitingLogin { key, failures } => match line.strip_prefix("login:") {
+                Some(given) if given.trim().parse() == Ok(key) => {
+                    ctx.send(format!("authenticated as {key}"));
+                    *self = Handshake::Authenticated { key };
+                }
+                Some(_) if failures + 1 >= MAX_FAILED_LOGINS => {
+                    ctx.send(format!(
+                        "authentication failed {MAX_FAILED_LOGINS} times, closing the connection"
+                    ));
+                    return Next::Close;
+                }
+                Some(_) => {
+                    ctx.send("authentication failed, try again".to_owned());
+                    *self = Handshake::challenge(failures + 1, ctx);
+                }
+                None => *self = Handshake::challenge(failures, ctx),
+            },
+            Handshake::Authenticated { key } => ctx.send(format!("client[{key}] -> {line}")),
+        }
+        Next::Continue
+    }
+
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send("server shutting down, goodbye".to_owned());
+        Next::Close
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self {
+            Handshake::AwaitingLogin { .. } => "AWAITING_LOGIN",
+            Handshake::Authenticated { .. } => "AUTHENTICATED",
+        }
+    }
+}
+
+/// A random key from 1 to 1,000,000. Guessing it is a game, not security, so std's
+/// randomly seeded hasher is random enough and spares a dependency.
+fn new_key() -> u32 {
+    let random = RandomState::new().hash_one(std::time::Instant::now());
+    u32::try_from(random % 1_000_000).expect("below 1,000,000") + 1
+}

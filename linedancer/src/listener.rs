@@ -1,0 +1,151 @@
+//! Listening sockets and the accept loop.
+//!
+//! Sockets are made with `socket2` (`SO_REUSEADDR`, our own backlog) and every accepted
+//! socket gets `TCP_NODELAY`. The accept loop takes a connection slot before it accepts,
+//! so at the limit it stops accepting instead of accepting and closing. No accept error
+//! ends it: each is sorted by kind in [`accept_failed`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::connections::Connections;
+use crate::handler::Handler;
+
+/// How long the acceptor pauses after an error that says the process or the system is
+/// out of a resource (file descriptors, buffers, memory), before it tries again.
+const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Binds a listening TCP socket on `addr`.
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(IpProtocol::TCP))?;
+    // Lets a restarted server bind at once while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections until `stop` is cancelled, running `handler` on each. The
+/// listening socket is closed when this returns, so new connects are then refused.
+pub(crate) async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    connections: Arc<Connections>,
+    handler: Arc<H>,
+    stop: CancellationToken,
+) {
+    let local_addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            warn!("cannot read the listener's address: {e}");
+            return;
+        }
+    };
+    loop {
+        let slot = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            slot = connections.reserve() => slot,
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer_addr)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    // The peer is already gone; the connection task will find out.
+                    debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
+                }
+                connections.spawn(slot, stream, peer_addr, local_addr, Arc::clone(&handler));
+            }
+            Err(e) => {
+                drop(slot);
+                if accept_failed(&e) == AfterError::Backoff {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the acceptor does after a failed `accept()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterError {
+    /// Accept the next connection at once.
+    Retry,
+    /// Pause, then try again.
+    Backoff,
+}
+
+/// Sorts an accept error, logs it, and says what to do next.
+fn accept_failed(error: &io::Error) -> AfterError {
+    match error.raw_os_error() {
+        // Out of file descriptors (the process's or the system's), socket buffers or
+        // memory: the pending connection stays in the backlog and the next accept would
+        // fail the same way, so retrying at once is a busy loop. Pause until
+        // connections close and free what is missing; retry for as long as it takes.
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            warn!("accept failed, pausing {RESOURCE_BACKOFF:?}: {error}");
+            AfterError::Backoff
+        }
+        // That one connection failed before we got it (reset or aborted by the peer,
+        // a protocol error, refused by a firewall rule): skip it.
+        Some(
+            libc::ECONNABORTED
+            | libc::ECONNRESET
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::EINTR
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT,
+        ) => {
+            debug!("accept failed for one connection, skipped: {error}");
+            AfterError::Retry
+        }
+        // Anything else is unexpected: pause as for exhaustion rather than risk
+        // spinning on an error that repeats.
+        _ => {
+            warn!("accept failed, pausing {RESOURCE_BACKOFF:?}: {error}");
+            AfterError::Backoff
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_exhaustion_backs_off_and_peer_errors_are_skipped() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(
+                accept_failed(&io::Error::from_raw_os_error(errno)),
+                AfterError::Backoff
+            );
+        }
+        for errno in [libc::ECONNABORTED, libc::ECONNRESET, libc::EPROTO] {
+            assert_eq!(
+                accept_failed(&io::Error::from_raw_os_error(errno)),
+                AfterError::Retry
+            );
+        }
+    }
+}

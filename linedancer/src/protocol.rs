@@ -1,0 +1,348 @@
+//! The state-machine API: the [`Protocol`] trait a user implements, the [`Ctx`] its
+//! callbacks act through, and the sans-IO session that both the socket driver and the
+//! [`testing`](crate::testing) harness run it in.
+//!
+//! Callbacks are synchronous and return quickly, like `gen_fsm` callbacks in the Erlang
+//! original: a protocol is a plain Rust value (usually an enum of states) that reacts to
+//! events and queues replies. It never touches a socket or a clock, so the same code runs
+//! under the driver and under the harness.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::connections::ConnectionId;
+
+/// A connection's protocol: a state machine fed with decoded frames.
+///
+/// One value of the implementing type lives per connection, created by
+/// [`connect`](Protocol::connect) and dropped when the connection ends. Make it an enum
+/// whose variants are the protocol's states, and report the current one from
+/// [`state_name`](Protocol::state_name): it appears in every log line of the connection.
+///
+/// ```
+/// use linedancer::codec::Lines;
+/// use linedancer::{Ctx, Next, Protocol};
+///
+/// /// Answers every line with its length; `bye` ends the conversation.
+/// enum Counter {
+///     Counting,
+/// }
+///
+/// impl Protocol for Counter {
+///     type Codec = Lines;
+///     type Reply = String;
+///
+///     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
+///         ctx.send("hello".to_string());
+///         Counter::Counting
+///     }
+///
+///     fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
+///         if line == "bye" {
+///             return Next::Close;
+///         }
+///         ctx.send(line.len().to_string());
+///         Next::Continue
+///     }
+/// }
+/// ```
+pub trait Protocol: Sized + Send + 'static {
+    /// The framing: turns bytes into frames ([`Decoder`]) and replies into bytes
+    /// ([`Encoder`]). See [`codec`](crate::codec) for the ready-made ones.
+    type Codec: Decoder<Error: fmt::Display> + Encoder<Self::Reply, Error: fmt::Display> + Send;
+
+    /// What the protocol sends back with [`Ctx::send`].
+    type Reply: Send + 'static;
+
+    /// A peer connected: choose the initial state. May greet with [`Ctx::send`], arm a
+    /// timeout, or [`close`](Ctx::close) at once (the greeting is still delivered).
+    fn connect(ctx: &mut Ctx<'_, Self>) -> Self;
+
+    /// A complete frame arrived. Called once per frame, in order; replies queued while
+    /// handling all frames of one read go out in one write.
+    fn frame(&mut self, frame: Frame<Self>, ctx: &mut Ctx<'_, Self>) -> Next;
+
+    /// The timeout armed with [`Ctx::set_timeout`] expired. By default the connection is
+    /// closed (reason [`CloseReason::Timeout`]).
+    fn timeout(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+        let _ = ctx;
+        Next::Close
+    }
+
+    /// The server is shutting down and asks connections to finish. By default the
+    /// connection goes on being served until its peer closes or the drain timeout ends;
+    /// a protocol may say goodbye and return [`Next::Close`] instead.
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+        let _ = ctx;
+        Next::Continue
+    }
+
+    /// The connection has ended, for `reason`; nothing more can be sent.
+    fn closed(&mut self, reason: &CloseReason) {
+        let _ = reason;
+    }
+
+    /// The name of the current state, for logs and tracing spans.
+    fn state_name(&self) -> &'static str {
+        "RUNNING"
+    }
+}
+
+/// The frame type a protocol's codec decodes.
+pub type Frame<P> = <<P as Protocol>::Codec as Decoder>::Item;
+
+/// What a callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a callback's Next decides whether the connection goes on"]
+pub enum Next {
+    /// Keep the connection open and wait for the next event.
+    Continue,
+    /// Flush the queued replies, then close the connection.
+    Close,
+}
+
+/// Why a connection ended. Every connection that ends gets one, logged with the
+/// connection's id and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer closed its side (end of stream); pending replies were delivered.
+    PeerClosed,
+    /// The peer reset the connection or went away while we wrote to it.
+    PeerReset,
+    /// The protocol closed the connection (returned [`Next::Close`] or called
+    /// [`Ctx::close`]).
+    Closed,
+    /// The protocol's timeout expired and its [`Protocol::timeout`] callback closed the
+    /// connection.
+    Timeout,
+    /// The peer sent bytes the codec rejects, such as a line over the maximum length or
+    /// invalid UTF-8 in a line protocol. The text is the codec's error.
+    BadFrame(String),
+    /// A reply could not be encoded. The text is the codec's error.
+    BadReply(String),
+    /// The server's drain timeout ended while the connection was still open.
+    Shutdown,
+    /// Another I/O error on the socket.
+    Io(String),
+}
+
+impl CloseReason {
+    /// Sorts a socket error: a reset or broken pipe is the peer's doing, anything else is
+    /// reported with its text.
+    pub(crate) fn from_io(error: &io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof => CloseReason::PeerReset,
+            _ => CloseReason::Io(error.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed"),
+            CloseReason::PeerReset => f.write_str("peer reset"),
+            CloseReason::Closed => f.write_str("closed by protocol"),
+            CloseReason::Timeout => f.write_str("timeout"),
+            CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
+            CloseReason::BadReply(e) => write!(f, "bad reply: {e}"),
+            CloseReason::Shutdown => f.write_str("server shutdown"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peer {
+    pub(crate) id: ConnectionId,
+    pub(crate) peer_addr: SocketAddr,
+    pub(crate) local_addr: SocketAddr,
+}
+
+/// What a callback can do: queue replies, close, arm a timeout, and learn about the
+/// connection.
+pub struct Ctx<'a, P: Protocol> {
+    codec: &'a mut P::Codec,
+    output: &'a mut BytesMut,
+    peer: &'a Peer,
+    timer: &'a mut Option<Timer>,
+    close: &'a mut Option<CloseReason>,
+}
+
+impl<P: Protocol> Ctx<'_, P> {
+    /// Queues a reply. Replies are encoded at once and written after the callback, in
+    /// the order they were sent; those of one read batch go out in one write.
+    ///
+    /// A reply the codec cannot encode closes the connection
+    /// ([`CloseReason::BadReply`]); later sends are then ignored.
+    pub fn send(&mut self, reply: P::Reply) {
+        if matches!(self.close, Some(CloseReason::BadReply(_))) {
+            return;
+        }
+        if let Err(e) = self.codec.encode(reply, self.output) {
+            *self.close = Some(CloseReason::BadReply(e.to_string()));
+        }
+    }
+
+    /// Closes the connection once the callback returns and the queued replies are
+    /// written, as if the callback had returned [`Next::Close`].
+    pub fn close(&mut self) {
+        self.close.get_or_insert(CloseReason::Closed);
+    }
+
+    /// Arms the timeout: [`Protocol::timeout`] is called once `after` has passed, unless
+    /// the timeout is armed again or [cleared](Ctx::clear_timeout) first. Frames do not
+    /// restart it; arm it again from [`Protocol::frame`] for an inactivity timeout.
+    pub fn set_timeout(&mut self, after: Duration) {
+        *self.timer = Some(Timer::Arm(after));
+    }
+
+    /// Disarms the timeout.
+    pub fn clear_timeout(&mut self) {
+        *self.timer = Some(Timer::Clear);
+    }
+
+    /// The connection's id, unique within the server.
+    pub fn id(&self) -> ConnectionId {
+        self.peer.id
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer.peer_addr
+    }
+
+    /// The local address the peer connected to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.peer.local_addr
+    }
+}
+
+/// A change to the protocol's timer, for the driver (or harness) to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Timer {
+    Arm(Duration),
+    Clear,
+}
+
+/// One connection's protocol, codec and buffers, with no socket and no clock: the
+/// driver feeds it bytes and events and writes out what it queued.
+pub(crate) struct Session<P: Protocol> {
+    protocol: P,
+    codec: P::Codec,
+    peer: Peer,
+    /// Bytes read from the peer and not yet decoded.
+    pub(crate) input: BytesMut,
+    /// Encoded replies not yet written.
+    pub(crate) output: BytesMut,
+    timer: Option<Timer>,
+    close: Option<CloseReason>,
+}
+
+impl<P: Protocol> Session<P> {
+    /// Starts a session: calls [`Protocol::connect`].
+    pub(crate) fn connect(mut codec: P::Codec, peer: Peer) -> Self {
+        let mut output = BytesMut::new();
+        let mut timer = None;
+        let mut close = None;
+        let protocol = P::connect(&mut Ctx {
+            codec: &mut codec,
+            output: &mut output,
+            peer: &peer,
+            timer: &mut timer,
+            close: &mut close,
+        });
+        Session {
+            protocol,
+            codec,
+            peer,
+            input: BytesMut::new(),
+            output,
+            timer,
+            close,
+        }
+    }
+
+    /// Runs one callback with a context over this session's parts.
+    fn call(&mut self, f: impl FnOnce(&mut P, &mut Ctx<'_, P>) -> Next, on_close: CloseReason) {
+        let mut ctx = Ctx {
+            codec: &mut self.codec,
+            output: &mut self.output,
+            peer: &self.peer,
+            timer: &mut self.timer,
+            close: &mut self.close,
+        };
+        if f(&mut self.protocol, &mut ctx) == Next::Close {
+            self.close.get_or_insert(on_close);
+        }
+    }
+
+    /// Decodes every complete frame in `input` and hands each to the protocol, stopping
+    /// early if the connection is closing. With `eof`, the peer has finished sending:
+    /// what remains is decoded with [`Decoder::decode_eof`] and the session closes.
+    pub(crate) fn decode(&mut self, eof: bool) {
+        while self.close.is_none() {
+            let decoded = if eof {
+                self.codec.decode_eof(&mut self.input)
+            } else {
+                self.codec.decode(&mut self.input)
+            };
+            match decoded {
+                Ok(Some(frame)) => self.call(|p, ctx| p.frame(frame, ctx), CloseReason::Closed),
+                Ok(None) => break,
+                Err(e) => self.close = Some(CloseReason::BadFrame(e.to_string())),
+            }
+        }
+        if eof {
+            self.close.get_or_insert(CloseReason::PeerClosed);
+        }
+    }
+
+    /// The armed timeout expired.
+    pub(crate) fn timeout(&mut self) {
+        self.call(|p, ctx| p.timeout(ctx), CloseReason::Timeout);
+    }
+
+    /// The server asks the connection to finish.
+    pub(crate) fn shutdown(&mut self) {
+        self.call(|p, ctx| p.shutdown(ctx), CloseReason::Closed);
+    }
+
+    /// Ends the session for `reason` (the protocol's own, if it closed): calls
+    /// [`Protocol::closed`] and returns the reason.
+    pub(crate) fn finish(mut self, reason: CloseReason) -> CloseReason {
+        let reason = self.close.take().unwrap_or(reason);
+        self.protocol.closed(&reason);
+        reason
+    }
+
+    /// Why the session is closing, once it is: queued output is still to be written.
+    pub(crate) fn closing(&self) -> Option<&CloseReason> {
+        self.close.as_ref()
+    }
+
+    /// The timer change requested since the last call, if any.
+    pub(crate) fn take_timer(&mut self) -> Option<Timer> {
+        self.timer.take()
+    }
+
+    /// The protocol's current state name.
+    pub(crate) fn state_name(&self) -> &'static str {
+        self.protocol.state_name()
+    }
+
+    /// The protocol itself.
+    pub(crate) fn protocol(&self) -> &P {
+        &self.protocol
+    }
+}

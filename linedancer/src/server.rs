@@ -1,0 +1,290 @@
+//! Starting a server ([`Builder`]) and controlling it once started ([`ServerHandle`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::connections::Connections;
+use crate::driver::Driver;
+use crate::error::Error;
+use crate::handler::Handler;
+use crate::listener;
+use crate::protocol::Protocol;
+
+/// The default port, the original's.
+pub const DEFAULT_PORT: u16 = 7000;
+
+/// The default limit on live connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The default time a graceful shutdown waits for connections to finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default length of the queue of connections the kernel completes before we
+/// accept them.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// Entry point: `Server::builder()`.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// A builder with every setting at its default: `127.0.0.1`, port 7000, and no
+    /// protocol yet (choose one with [`Builder::protocol`] or [`Builder::handler`]).
+    pub fn builder() -> Builder<()> {
+        Builder {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: DEFAULT_PORT,
+            backlog: DEFAULT_BACKLOG,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            handler: (),
+        }
+    }
+}
+
+/// Settings of a server, and what serves its connections (`H`).
+///
+/// ```
+/// use linedancer::examples::Echo;
+/// use linedancer::Server;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), linedancer::Error> {
+/// let server = Server::builder()
+///     .bind([127, 0, 0, 1])
+///     .port(0) // any free port
+///     .protocol::<Echo>()
+///     .start()
+///     .await?;
+/// println!("listening on {}", server.local_addr());
+/// server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until started"]
+pub struct Builder<H> {
+    ip: IpAddr,
+    port: u16,
+    backlog: u32,
+    max_connections: usize,
+    drain_timeout: Duration,
+    handler: H,
+}
+
+impl<H> Builder<H> {
+    /// The address to listen on. Default `127.0.0.1`; `0.0.0.0` listens on every IPv4
+    /// interface.
+    pub fn bind(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.ip = ip.into();
+        self
+    }
+
+    /// The port to listen on. Default 7000; 0 picks a free port, which
+    /// [`ServerHandle::local_addr`] reports.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// The listen backlog: connections the kernel completes before we accept them.
+    /// Default [`DEFAULT_BACKLOG`]; the kernel may cap it (`net.core.somaxconn`).
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// The most connections served at once; at the limit the server stops accepting
+    /// until one closes, and new peers wait in the backlog. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`]; must be at least 1.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// How long [`ServerHandle::shutdown`] waits for connections to finish before it
+    /// closes them. Default [`DEFAULT_DRAIN_TIMEOUT`].
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves every connection with the protocol `P`, framed by `P::Codec::default()`.
+    pub fn protocol<P>(self) -> Builder<Driver<P>>
+    where
+        P: Protocol,
+        P::Codec: Default + Clone + Sync,
+    {
+        self.protocol_with_codec::<P>(P::Codec::default())
+    }
+
+    /// Serves every connection with the protocol `P`, framed by a clone of `codec` (for
+    /// a codec with settings, such as [`Lines::with_max_length`](crate::codec::Lines)).
+    pub fn protocol_with_codec<P>(self, codec: P::Codec) -> Builder<Driver<P>>
+    where
+        P: Protocol,
+        P::Codec: Clone + Sync,
+    {
+        self.handler(Driver::new(codec))
+    }
+
+    /// Serves every connection with a [`Handler`] that gets the raw stream, instead of
+    /// a protocol state machine.
+    pub fn handler<H2: Handler>(self, handler: H2) -> Builder<H2> {
+        Builder {
+            ip: self.ip,
+            port: self.port,
+            backlog: self.backlog,
+            max_connections: self.max_connections,
+            drain_timeout: self.drain_timeout,
+            handler,
+        }
+    }
+}
+
+impl<H: Handler> Builder<H> {
+    /// Binds the listening socket and starts accepting, in tasks on the current tokio
+    /// runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a setting out of range, [`Error::Bind`] when the address
+    /// cannot be listened on (in use, not local, privileged port).
+    pub async fn start(self) -> Result<ServerHandle, Error> {
+        if self.max_connections == 0 {
+            return Err(Error::Config {
+                setting: "max_connections",
+                value: "0".into(),
+                reason: "must be at least 1",
+            });
+        }
+        if self.backlog == 0 {
+            return Err(Error::Config {
+                setting: "backlog",
+                value: "0".into(),
+                reason: "must be at least 1",
+            });
+        }
+        let addr = SocketAddr::new(self.ip, self.port);
+        let bound = listener::bind(addr, self.backlog).and_then(|l| Ok((l.local_addr()?, l)));
+        let (local_addr, tcp) = bound.map_err(|source| Error::Bind { addr, source })?;
+        let connections = Connections::new(self.max_connections);
+        let stop = CancellationToken::new();
+        let acceptor = tokio::spawn(listener::accept_loop(
+            tcp,
+            Arc::clone(&connections),
+            Arc::new(self.handler),
+            stop.clone(),
+        ));
+        info!(%local_addr, "listening");
+        Ok(ServerHandle {
+            inner: Arc::new(Inner {
+                local_addr,
+                connections,
+                stop,
+                acceptor: Mutex::new(Some(acceptor)),
+                drain_timeout: self.drain_timeout,
+            }),
+        })
+    }
+}
+
+/// A running server. Clones control the same server; dropping every handle leaves it
+/// running until the runtime ends.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    local_addr: SocketAddr,
+    connections: Arc<Connections>,
+    /// Cancelled to stop the acceptor and close the listening socket.
+    stop: CancellationToken,
+    /// Taken by the first shutdown, which waits for the listening socket to close.
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+    drain_timeout: Duration,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections that finished by themselves within the drain timeout.
+    pub drained: usize,
+    /// Connections still open when the drain timeout ended, closed by the server.
+    pub force_closed: usize,
+}
+
+impl ServerHandle {
+    /// The address the server listens on, with the real port when 0 was asked for.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The number of live connections.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.count()
+    }
+
+    /// Waits until the number of live connections satisfies `ready`, and returns it.
+    ///
+    /// ```
+    /// # async fn f(server: linedancer::ServerHandle) {
+    /// server.wait_connections(|n| n == 0).await;
+    /// # }
+    /// ```
+    pub async fn wait_connections(&self, ready: impl FnMut(usize) -> bool) -> usize {
+        self.inner.connections.wait_count(ready).await
+    }
+
+    /// Shuts down gracefully with the builder's drain timeout; see
+    /// [`shutdown_with_timeout`](ServerHandle::shutdown_with_timeout).
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.shutdown_with_timeout(self.inner.drain_timeout).await
+    }
+
+    /// Shuts down gracefully: closes the listening socket (new connects are refused at
+    /// once), gives every connection's protocol its [`shutdown`](Protocol::shutdown)
+    /// event, waits up to `timeout` for the connections to end, then closes those still
+    /// open. Replies already queued are written before each close.
+    ///
+    /// Calling it again, or from a clone, waits again and reports what is left.
+    pub async fn shutdown_with_timeout(&self, timeout: Duration) -> ShutdownReport {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        let acceptor = inner.acceptor.lock().map(|mut a| a.take()).unwrap_or(None);
+        if let Some(acceptor) = acceptor {
+            // The acceptor returns as soon as it sees the token; a panic in it has
+            // already been reported by the runtime.
+            let _ = acceptor.await;
+        }
+        let open = inner.connections.count();
+        inner.connections.drain().cancel();
+        let force_closed = match tokio::time::timeout(timeout, inner.connections.wait_all()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let left = inner.connections.count();
+                inner.connections.abort().cancel();
+                inner.connections.wait_all().await;
+                left
+            }
+        };
+        let report = ShutdownReport {
+            drained: open.saturating_sub(force_closed),
+            force_closed,
+        };
+        info!(
+            local_addr = %inner.local_addr,
+            drained = report.drained,
+            force_closed = report.force_closed,
+            "server stopped"
+        );
+        report
+    }
+}

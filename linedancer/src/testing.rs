@@ -1,0 +1,174 @@
+//! A harness that drives any [`Protocol`] with no socket and no clock: connect, feed
+//! bytes in whatever splits you like, let virtual time pass, and read what it wrote.
+//!
+//! It runs the protocol in the same session code as the server, so what passes here
+//! behaves the same over TCP.
+//!
+//! ```
+//! use linedancer::examples::Echo;
+//! use linedancer::testing::Harness;
+//!
+//! let mut conn = Harness::<Echo>::connect();
+//! conn.feed("G`day");
+//! assert_eq!(conn.take_output(), "G`day");
+//! conn.feed_eof();
+//! assert!(conn.is_closed());
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::connections::ConnectionId;
+use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
+
+/// The peer address a harness connection reports.
+pub const PEER_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+
+/// The local address a harness connection reports.
+pub const LOCAL_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7000);
+
+/// One simulated connection running the protocol `P`.
+pub struct Harness<P: Protocol> {
+    /// The live session; `None` once the connection has closed.
+    session: Option<Session<P>>,
+    /// Output written before the close, kept for [`take_output`](Harness::take_output).
+    output: Vec<u8>,
+    closed: Option<CloseReason>,
+    /// Virtual time since connect.
+    now: Duration,
+    /// When the protocol's timeout fires, in virtual time.
+    deadline: Option<Duration>,
+}
+
+impl<P: Protocol> Harness<P> {
+    /// Connects with the default codec: calls [`Protocol::connect`].
+    pub fn connect() -> Self
+    where
+        P::Codec: Default,
+    {
+        Self::connect_with_codec(P::Codec::default())
+    }
+
+    /// Connects with the given codec: calls [`Protocol::connect`].
+    pub fn connect_with_codec(codec: P::Codec) -> Self {
+        let peer = Peer {
+            id: ConnectionId(1),
+            peer_addr: PEER_ADDR,
+            local_addr: LOCAL_ADDR,
+        };
+        let mut harness = Harness {
+            session: Some(Session::connect(codec, peer)),
+            output: Vec::new(),
+            closed: None,
+            now: Duration::ZERO,
+            deadline: None,
+        };
+        harness.settle();
+        harness
+    }
+
+    /// The peer sends `bytes`: every complete frame is decoded and handed to the
+    /// protocol. Ignored once the connection is closed.
+    pub fn feed(&mut self, bytes: impl AsRef<[u8]>) {
+        if let Some(session) = &mut self.session {
+            session.input.extend_from_slice(bytes.as_ref());
+            session.decode(false);
+            self.settle();
+        }
+    }
+
+    /// The peer closes its side: what is left is decoded as the last frame, and the
+    /// connection closes with [`CloseReason::PeerClosed`].
+    pub fn feed_eof(&mut self) {
+        if let Some(session) = &mut self.session {
+            session.decode(true);
+            self.settle();
+        }
+    }
+
+    /// Lets `duration` of virtual time pass, firing the protocol's timeout if it falls
+    /// due (and again, if the protocol re-arms it within the same span).
+    pub fn advance(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        while let Some(deadline) = self.deadline.filter(|d| *d <= until) {
+            self.now = deadline;
+            self.deadline = None;
+            match &mut self.session {
+                Some(session) => session.timeout(),
+                None => break,
+            }
+            self.settle();
+        }
+        self.now = until;
+    }
+
+    /// The server shuts down: delivers the protocol's shutdown event.
+    pub fn shutdown(&mut self) {
+        if let Some(session) = &mut self.session {
+            session.shutdown();
+            self.settle();
+        }
+    }
+
+    /// Takes every byte the protocol has written since the last call.
+    pub fn take_output(&mut self) -> Bytes {
+        if let Some(session) = &mut self.session {
+            self.output.extend_from_slice(&session.output);
+            session.output.clear();
+        }
+        Bytes::from(std::mem::take(&mut self.output))
+    }
+
+    /// Takes what the protocol has written since the last call as text, lossily
+    /// decoded from UTF-8.
+    pub fn take_text(&mut self) -> String {
+        String::from_utf8_lossy(&self.take_output()).into_owned()
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    /// The protocol's state, while the connection is open.
+    pub fn protocol(&self) -> Option<&P> {
+        self.session.as_ref().map(Session::protocol)
+    }
+
+    /// The protocol's state name, while the connection is open.
+    pub fn state_name(&self) -> Option<&'static str> {
+        self.session.as_ref().map(Session::state_name)
+    }
+
+    /// How long until the protocol's timeout fires, if one is armed.
+    pub fn timeout_in(&self) -> Option<Duration> {
+        self.deadline.map(|d| d - self.now)
+    }
+
+    /// Applies what the last callback asked for: a timer change, and a close (after
+    /// which the output written so far stays readable).
+    fn settle(&mut self) {
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        match session.take_timer() {
+            Some(Timer::Arm(after)) => self.deadline = Some(self.now + after),
+            Some(Timer::Clear) => self.deadline = None,
+            None => {}
+        }
+        if session.closing().is_some() {
+            if let Some(session) = self.session.take() {
+                self.output.extend_from_slice(&session.output);
+                self.closed = Some(session.finish(CloseReason::Closed));
+                self.deadline = None;
+            }
+        }
+    }
+}
