@@ -114,29 +114,29 @@ impl Connections {
         })
     }
 
-    /// Waits for a free slot.
-    pub(crate) async fn reserve(self: &Arc<Self>) -> Slot {
-        let permit = Arc::clone(&self.slots)
+    /// Waits for a free slot, to hold while accepting. Dropping the permit frees it.
+    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
+        Arc::clone(&self.slots)
             .acquire_owned()
             .await
-            .expect("the slot semaphore is never closed");
-        self.count.send_modify(|n| *n += 1);
-        Slot {
-            connections: Arc::clone(self),
-            _permit: permit,
-        }
+            .expect("the slot semaphore is never closed")
     }
 
     /// Runs `handler` on an accepted socket in a task of its own, inside a span that
     /// carries the connection id, peer address, state and close reason.
     pub(crate) fn spawn<H: Handler>(
         self: &Arc<Self>,
-        slot: Slot,
+        permit: OwnedSemaphorePermit,
         stream: TcpStream,
         peer_addr: SocketAddr,
         local_addr: SocketAddr,
         handler: Arc<H>,
     ) {
+        self.count.send_modify(|n| *n += 1);
+        let slot = Slot {
+            connections: Arc::clone(self),
+            _permit: permit,
+        };
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let connection = Connection {
             id,

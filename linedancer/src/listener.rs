@@ -49,10 +49,10 @@ pub(crate) async fn accept_loop<H: Handler>(
         }
     };
     loop {
-        let slot = tokio::select! {
+        let permit = tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            slot = connections.reserve() => slot,
+            permit = connections.reserve() => permit,
         };
         let accepted = tokio::select! {
             biased;
@@ -65,10 +65,10 @@ pub(crate) async fn accept_loop<H: Handler>(
                     // The peer is already gone; the connection task will find out.
                     debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
                 }
-                connections.spawn(slot, stream, peer_addr, local_addr, Arc::clone(&handler));
+                connections.spawn(permit, stream, peer_addr, local_addr, Arc::clone(&handler));
             }
             Err(e) => {
-                drop(slot);
+                drop(permit);
                 if accept_failed(&e) == AfterError::Backoff {
                     tokio::select! {
                         () = stop.cancelled() => return,

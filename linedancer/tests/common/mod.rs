@@ -1,0 +1,61 @@
+//! Helpers shared by the socket tests: a line client and a time bound.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// The most any one test may take.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `test` and fails if it takes longer than [`TEST_TIMEOUT`].
+pub async fn bounded<T>(test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("the test took longer than its time bound")
+}
+
+/// A client of a line protocol.
+pub struct LineClient {
+    reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl LineClient {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let (reader, writer) = stream.into_split();
+        LineClient {
+            reader: BufReader::new(reader),
+            writer,
+        }
+    }
+
+    /// Sends `line` and its `\n`.
+    pub async fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// Reads one line, without its `\n`; `None` at the end of the stream.
+    pub async fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line).await.expect("read") {
+            0 => None,
+            _ => Some(line.strip_suffix('\n').expect("replies end in \\n").to_owned()),
+        }
+    }
+
+    /// Reads one line and fails at the end of the stream.
+    pub async fn expect_line(&mut self) -> String {
+        self.line().await.expect("a line, not the end of the stream")
+    }
+}

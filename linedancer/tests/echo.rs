@@ -1,0 +1,175 @@
+//! The echo server over real sockets: binary safety, concurrency, resets, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::bounded;
+use linedancer::examples::Echo;
+use linedancer::{Error, Server, ServerHandle, ShutdownReport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+async fn echo_server() -> ServerHandle {
+    Server::builder()
+        .port(0)
+        .protocol::<Echo>()
+        .start()
+        .await
+        .expect("start the echo server")
+}
+
+/// Sends `message` and reads back as many bytes.
+async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).await.expect("write");
+    let mut reply = vec![0; message.len()];
+    stream.read_exact(&mut reply).await.expect("read the echo");
+    reply
+}
+
+/// Ensure one MiB of random bytes, written in random-sized chunks while the replies are
+/// read, comes back intact and in order, and that the server closes after our FIN.
+#[tokio::test]
+async fn echoes_a_mebibyte_of_random_bytes_intact() {
+    bounded(async {
+        let server = echo_server().await;
+        let stream = TcpStream::connect(server.local_addr()).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let data: Vec<u8> = (0..1 << 20).map(|_| fastrand::u8(..)).collect();
+        let sent = data.clone();
+        let write = tokio::spawn(async move {
+            let mut rest = &sent[..];
+            while !rest.is_empty() {
+                let n = fastrand::usize(1..=rest.len().min(70_000));
+                writer.write_all(&rest[..n]).await.unwrap();
+                rest = &rest[n..];
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::with_capacity(data.len());
+        reader.read_to_end(&mut echoed).await.unwrap();
+        write.await.unwrap();
+        assert_eq!(echoed.len(), data.len());
+        assert!(echoed == data, "the echoed bytes differ from those sent");
+        server.wait_connections(|n| n == 0).await;
+    })
+    .await;
+}
+
+/// Ensure 250 clients connected at once are all served, each its own bytes, and that
+/// the live count follows them up and down.
+#[tokio::test]
+async fn serves_250_concurrent_clients() {
+    bounded(async {
+        let server = echo_server().await;
+        let mut clients = Vec::new();
+        for _ in 0..250 {
+            clients.push(TcpStream::connect(server.local_addr()).await.unwrap());
+        }
+        assert_eq!(server.wait_connections(|n| n == 250).await, 250);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, mut client) in clients.into_iter().enumerate() {
+            tasks.spawn(async move {
+                for round in 0..10 {
+                    let message = format!("client {i} round {round}\n");
+                    assert_eq!(exchange(&mut client, message.as_bytes()).await, message.as_bytes());
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a client failed");
+        }
+        assert_eq!(server.wait_connections(|n| n == 0).await, 0);
+    })
+    .await;
+}
+
+/// Ensure a client that resets its connection in the middle of a transfer ends only its
+/// own connection: another client goes on being served and the count returns to one.
+#[tokio::test]
+async fn a_reset_mid_transfer_ends_only_that_connection() {
+    bounded(async {
+        let server = echo_server().await;
+        let mut survivor = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert_eq!(exchange(&mut survivor, b"before").await, b"before");
+
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_linger(Some(Duration::ZERO)).unwrap();
+        let mut resetter = socket.connect(server.local_addr()).await.unwrap();
+        server.wait_connections(|n| n == 2).await;
+        // Far more than the socket buffers hold, so that the server is mid-write.
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..4 {
+            resetter.write_all(&chunk).await.unwrap();
+        }
+        drop(resetter); // linger 0: the kernel sends RST, not FIN
+
+        assert_eq!(server.wait_connections(|n| n == 1).await, 1);
+        assert_eq!(exchange(&mut survivor, b"after").await, b"after");
+    })
+    .await;
+}
+
+/// Ensure a graceful shutdown keeps serving a connected echo client until it leaves,
+/// reports it as drained, and refuses new connections afterwards.
+#[tokio::test]
+async fn shutdown_drains_connected_clients() {
+    bounded(async {
+        let server = echo_server().await;
+        let addr = server.local_addr();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(exchange(&mut client, b"one").await, b"one");
+        server.wait_connections(|n| n == 1).await;
+
+        let stopping = tokio::spawn({
+            let server = server.clone();
+            async move { server.shutdown_with_timeout(Duration::from_secs(20)).await }
+        });
+        assert_eq!(exchange(&mut client, b"two").await, b"two");
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+
+        let report = stopping.await.unwrap();
+        assert_eq!(report, ShutdownReport { drained: 1, force_closed: 0 });
+        assert!(TcpStream::connect(addr).await.is_err(), "connect after shutdown");
+    })
+    .await;
+}
+
+/// Ensure connections still open when the drain timeout ends are closed and counted.
+#[tokio::test]
+async fn shutdown_force_closes_after_the_drain_timeout() {
+    bounded(async {
+        let server = echo_server().await;
+        let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
+        server.wait_connections(|n| n == 1).await;
+        let report = server.shutdown_with_timeout(Duration::from_millis(50)).await;
+        assert_eq!(report, ShutdownReport { drained: 0, force_closed: 1 });
+        let mut rest = Vec::new();
+        idle.read_to_end(&mut rest).await.expect("a clean close");
+        assert_eq!(server.connections(), 0);
+    })
+    .await;
+}
+
+/// Ensure a port in use and a zero limit are refused at start, naming the value.
+#[tokio::test]
+async fn bad_configuration_fails_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let in_use = Server::builder().port(port).protocol::<Echo>().start().await.unwrap_err();
+    assert!(matches!(in_use, Error::Bind { .. }));
+    let message = in_use.to_string();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(message.contains("in use"), "{message}");
+
+    let zero = Server::builder()
+        .port(0)
+        .max_connections(0)
+        .protocol::<Echo>()
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(zero.to_string(), "invalid max_connections 0: must be at least 1");
+}
