@@ -48,7 +48,9 @@ pub enum ServeError {
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let ip = match args.bind.as_str() {
         "localhost" => IpAddr::from([127, 0, 0, 1]),
-        other => other.parse().map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
+        other => other
+            .parse()
+            .map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
     };
     let mut signals = Signals::new().map_err(ServeError::Signals)?;
     let builder = Server::builder().bind(ip).port(args.port);

@@ -30,7 +30,7 @@ pub const DEFAULT_MAX_LINE_LENGTH: usize = 64 * 1024;
 ///
 /// A frame is one line without its ending; `\n` and `\r\n` are both accepted. Replies are
 /// anything that is `AsRef<str>` and get a `\n` appended. A line longer than the maximum
-/// (default [`DEFAULT_MAX_LINE_LENGTH`]) or one that is not UTF-8 is an error, which
+/// (default [`DEFAULT_MAX_LINE_LENGTH`]; a `\r` before the `\n` counts) or one that is not UTF-8 is an error, which
 /// closes the connection with [`CloseReason::BadFrame`](crate::CloseReason::BadFrame).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lines(LinesCodec);
@@ -85,9 +85,12 @@ mod tests {
 
     #[test]
     fn lines_accept_crlf_and_refuse_overlong_lines() {
-        let mut lines = Lines::with_max_length(8);
+        let mut lines = Lines::with_max_length(9);
         let mut input = BytesMut::from("login:42\r\nthis is too long\n");
-        assert_eq!(lines.decode(&mut input).unwrap().as_deref(), Some("login:42"));
+        assert_eq!(
+            lines.decode(&mut input).unwrap().as_deref(),
+            Some("login:42")
+        );
         assert!(matches!(
             lines.decode(&mut input),
             Err(LinesCodecError::MaxLineLengthExceeded)

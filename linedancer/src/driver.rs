@@ -141,7 +141,10 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
 /// Closes our side and reads what the peer still sends, for a bounded time and amount,
 /// so that the kernel sends a FIN after our last reply rather than a reset that could
 /// destroy it.
-async fn linger(stream: &mut TcpStream, abort: &mut Pin<&mut impl std::future::Future<Output = ()>>) {
+async fn linger(
+    stream: &mut TcpStream,
+    abort: &mut Pin<&mut impl std::future::Future<Output = ()>>,
+) {
     if stream.shutdown().await.is_err() {
         return;
     }

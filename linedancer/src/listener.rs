@@ -24,7 +24,11 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds a listening TCP socket on `addr`.
 pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(IpProtocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(IpProtocol::TCP),
+    )?;
     // Lets a restarted server bind at once while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;

@@ -72,7 +72,10 @@ async fn serves_250_concurrent_clients() {
             tasks.spawn(async move {
                 for round in 0..10 {
                     let message = format!("client {i} round {round}\n");
-                    assert_eq!(exchange(&mut client, message.as_bytes()).await, message.as_bytes());
+                    assert_eq!(
+                        exchange(&mut client, message.as_bytes()).await,
+                        message.as_bytes()
+                    );
                 }
             });
         }
@@ -94,15 +97,16 @@ async fn a_reset_mid_transfer_ends_only_that_connection() {
         assert_eq!(exchange(&mut survivor, b"before").await, b"before");
 
         let socket = TcpSocket::new_v4().unwrap();
-        socket.set_linger(Some(Duration::ZERO)).unwrap();
         let mut resetter = socket.connect(server.local_addr()).await.unwrap();
+        resetter.set_zero_linger().unwrap();
         server.wait_connections(|n| n == 2).await;
-        // Far more than the socket buffers hold, so that the server is mid-write.
+        // Enough that the server is still echoing when the reset arrives, and little
+        // enough that the socket buffers take it all while nobody reads the echo.
         let chunk = vec![7u8; 64 * 1024];
-        for _ in 0..4 {
+        for _ in 0..2 {
             resetter.write_all(&chunk).await.unwrap();
         }
-        drop(resetter); // linger 0: the kernel sends RST, not FIN
+        drop(resetter); // zero linger: the kernel sends RST, not FIN
 
         assert_eq!(server.wait_connections(|n| n == 1).await, 1);
         assert_eq!(exchange(&mut survivor, b"after").await, b"after");
@@ -131,8 +135,17 @@ async fn shutdown_drains_connected_clients() {
         client.read_to_end(&mut rest).await.unwrap();
 
         let report = stopping.await.unwrap();
-        assert_eq!(report, ShutdownReport { drained: 1, force_closed: 0 });
-        assert!(TcpStream::connect(addr).await.is_err(), "connect after shutdown");
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 1,
+                force_closed: 0
+            }
+        );
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "connect after shutdown"
+        );
     })
     .await;
 }
@@ -144,8 +157,16 @@ async fn shutdown_force_closes_after_the_drain_timeout() {
         let server = echo_server().await;
         let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
         server.wait_connections(|n| n == 1).await;
-        let report = server.shutdown_with_timeout(Duration::from_millis(50)).await;
-        assert_eq!(report, ShutdownReport { drained: 0, force_closed: 1 });
+        let report = server
+            .shutdown_with_timeout(Duration::from_millis(50))
+            .await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 0,
+                force_closed: 1
+            }
+        );
         let mut rest = Vec::new();
         idle.read_to_end(&mut rest).await.expect("a clean close");
         assert_eq!(server.connections(), 0);
@@ -158,7 +179,12 @@ async fn shutdown_force_closes_after_the_drain_timeout() {
 async fn bad_configuration_fails_at_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let in_use = Server::builder().port(port).protocol::<Echo>().start().await.unwrap_err();
+    let in_use = Server::builder()
+        .port(port)
+        .protocol::<Echo>()
+        .start()
+        .await
+        .unwrap_err();
     assert!(matches!(in_use, Error::Bind { .. }));
     let message = in_use.to_string();
     assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
@@ -171,5 +197,8 @@ async fn bad_configuration_fails_at_start() {
         .start()
         .await
         .unwrap_err();
-    assert_eq!(zero.to_string(), "invalid max_connections 0: must be at least 1");
+    assert_eq!(
+        zero.to_string(),
+        "invalid max_connections 0: must be at least 1"
+    );
 }

@@ -23,7 +23,9 @@ async fn handshake_server() -> ServerHandle {
 /// Reads an `auth-req:<key>` line and returns the key.
 async fn challenge(client: &mut LineClient) -> u32 {
     let line = client.expect_line().await;
-    let key = line.strip_prefix("auth-req:").unwrap_or_else(|| panic!("not a challenge: {line}"));
+    let key = line
+        .strip_prefix("auth-req:")
+        .unwrap_or_else(|| panic!("not a challenge: {line}"));
     let key: u32 = key.parse().expect("a numeric key");
     assert!((1..=1_000_000).contains(&key), "key {key} out of range");
     key
@@ -55,17 +57,32 @@ async fn the_whole_dialogue() {
         client.send("hello?").await;
         let key = challenge(&mut client).await;
         client.send(&format!("login:{}", wrong(key))).await;
-        assert_eq!(client.expect_line().await, "authentication failed, try again");
+        assert_eq!(
+            client.expect_line().await,
+            "authentication failed, try again"
+        );
         let key = challenge(&mut client).await;
 
         client.send(&format!("login:{key}")).await;
-        assert_eq!(client.expect_line().await, format!("authenticated as {key}"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("authenticated as {key}")
+        );
         client.send("G`day").await;
-        assert_eq!(client.expect_line().await, format!("client[{key}] -> G`day"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("client[{key}] -> G`day")
+        );
         client.writer.write_all(b"from telnet\r\n").await.unwrap();
-        assert_eq!(client.expect_line().await, format!("client[{key}] -> from telnet"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("client[{key}] -> from telnet")
+        );
         client.send("login:1").await;
-        assert_eq!(client.expect_line().await, format!("client[{key}] -> login:1"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("client[{key}] -> login:1")
+        );
     })
     .await;
 }
@@ -82,7 +99,10 @@ async fn three_failed_logins_close_the_connection() {
             let key = challenge(&mut client).await;
             client.send(&format!("login:{}", wrong(key))).await;
             if attempt < 3 {
-                assert_eq!(client.expect_line().await, "authentication failed, try again");
+                assert_eq!(
+                    client.expect_line().await,
+                    "authentication failed, try again"
+                );
                 challenge(&mut client).await;
             }
         }
@@ -90,7 +110,11 @@ async fn three_failed_logins_close_the_connection() {
             client.expect_line().await,
             "authentication failed 3 times, closing the connection"
         );
-        assert_eq!(client.line().await, None, "the server closes after the third failure");
+        assert_eq!(
+            client.line().await,
+            None,
+            "the server closes after the third failure"
+        );
         drop(client);
         server.wait_connections(|n| n == 0).await;
     })
@@ -108,7 +132,10 @@ async fn a_line_sent_one_byte_at_a_time() {
             client.writer.flush().await.unwrap();
             tokio::task::yield_now().await;
         }
-        assert_eq!(client.expect_line().await, format!("authenticated as {key}"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("authenticated as {key}")
+        );
     })
     .await;
 }
@@ -124,9 +151,15 @@ async fn many_lines_in_one_write() {
             batch.push_str(&format!("line {i}\n"));
         }
         client.writer.write_all(batch.as_bytes()).await.unwrap();
-        assert_eq!(client.expect_line().await, format!("authenticated as {key}"));
+        assert_eq!(
+            client.expect_line().await,
+            format!("authenticated as {key}")
+        );
         for i in 0..1000 {
-            assert_eq!(client.expect_line().await, format!("client[{key}] -> line {i}"));
+            assert_eq!(
+                client.expect_line().await,
+                format!("client[{key}] -> line {i}")
+            );
         }
     })
     .await;
@@ -144,7 +177,10 @@ async fn an_overlong_line_closes_only_that_connection() {
         drop(client);
 
         other.send(&format!("login:{other_key}")).await;
-        assert_eq!(other.expect_line().await, format!("authenticated as {other_key}"));
+        assert_eq!(
+            other.expect_line().await,
+            format!("authenticated as {other_key}")
+        );
         assert_eq!(server.wait_connections(|n| n == 1).await, 1);
     })
     .await;
@@ -159,7 +195,10 @@ async fn shutdown_says_goodbye() {
         let (first, _) = greeted(&server).await;
         let (mut second, key) = greeted(&server).await;
         second.send(&format!("login:{key}")).await;
-        assert_eq!(second.expect_line().await, format!("authenticated as {key}"));
+        assert_eq!(
+            second.expect_line().await,
+            format!("authenticated as {key}")
+        );
 
         let stopping = tokio::spawn({
             let server = server.clone();
@@ -170,7 +209,13 @@ async fn shutdown_says_goodbye() {
             assert_eq!(client.line().await, None);
         }
         let report = stopping.await.unwrap();
-        assert_eq!(report, ShutdownReport { drained: 2, force_closed: 0 });
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 2,
+                force_closed: 0
+            }
+        );
     })
     .await;
 }

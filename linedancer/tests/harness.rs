@@ -36,7 +36,10 @@ fn login_then_lines() {
     assert_eq!(conn.protocol(), Some(&Handshake::Authenticated { key }));
     assert_eq!(conn.state_name(), Some("AUTHENTICATED"));
     conn.feed("one\r\ntwo\n");
-    assert_eq!(conn.take_text(), format!("client[{key}] -> one\nclient[{key}] -> two\n"));
+    assert_eq!(
+        conn.take_text(),
+        format!("client[{key}] -> one\nclient[{key}] -> two\n")
+    );
 }
 
 /// Ensure input split at every byte gives the same result as one piece.
@@ -51,7 +54,10 @@ fn any_split_of_the_input() {
     for byte in format!("login:{key}\nhi\n").bytes() {
         conn.feed([byte]);
     }
-    assert_eq!(conn.take_text(), format!("authenticated as {key}\nclient[{key}] -> hi\n"));
+    assert_eq!(
+        conn.take_text(),
+        format!("authenticated as {key}\nclient[{key}] -> hi\n")
+    );
 }
 
 /// Ensure a wrong key is answered with a failure and a new challenge, still
@@ -62,12 +68,21 @@ fn three_strikes() {
     for failures in 1..=2 {
         conn.feed(format!("login:{}\n", key % 1_000_000 + 1));
         let text = conn.take_text();
-        assert!(text.starts_with("authentication failed, try again\nauth-req:"), "{text}");
+        assert!(
+            text.starts_with("authentication failed, try again\nauth-req:"),
+            "{text}"
+        );
         key = last_key(&text);
-        assert_eq!(conn.protocol(), Some(&Handshake::AwaitingLogin { key, failures }));
+        assert_eq!(
+            conn.protocol(),
+            Some(&Handshake::AwaitingLogin { key, failures })
+        );
     }
     conn.feed("login:not-a-number\n");
-    assert_eq!(conn.take_text(), "authentication failed 3 times, closing the connection\n");
+    assert_eq!(
+        conn.take_text(),
+        "authentication failed 3 times, closing the connection\n"
+    );
     assert_eq!(conn.close_reason(), Some(&CloseReason::Closed));
     conn.feed(format!("login:{key}\n"));
     assert_eq!(conn.take_text(), "", "nothing is read after the close");
@@ -89,7 +104,10 @@ fn overlong_lines_and_unterminated_last_lines() {
     let mut conn = Harness::<Handshake>::connect_with_codec(Lines::with_max_length(16));
     conn.take_output();
     conn.feed("a line that is far too long\n");
-    assert!(matches!(conn.close_reason(), Some(CloseReason::BadFrame(_))));
+    assert!(matches!(
+        conn.close_reason(),
+        Some(CloseReason::BadFrame(_))
+    ));
 
     let (mut conn, key) = greeted();
     conn.feed(format!("login:{key}"));

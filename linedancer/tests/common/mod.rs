@@ -50,12 +50,18 @@ impl LineClient {
         let mut line = String::new();
         match self.reader.read_line(&mut line).await.expect("read") {
             0 => None,
-            _ => Some(line.strip_suffix('\n').expect("replies end in \\n").to_owned()),
+            _ => Some(
+                line.strip_suffix('\n')
+                    .expect("replies end in \\n")
+                    .to_owned(),
+            ),
         }
     }
 
     /// Reads one line and fails at the end of the stream.
     pub async fn expect_line(&mut self) -> String {
-        self.line().await.expect("a line, not the end of the stream")
+        self.line()
+            .await
+            .expect("a line, not the end of the stream")
     }
 }
