@@ -1,7 +1,7 @@
 //! The `linedancer` command: serves the example protocols.
 //!
-//! It only parses flags, sets up logging and the runtime, and reports errors; the work
-//! is in the subcommands' modules.
+//! It only parses flags, sets up logging, and reports errors; the work, and the choice
+//! of runtime, is in the subcommands' modules.
 
 mod serve;
 
@@ -46,17 +46,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
-        .and_then(|runtime| {
-            runtime.block_on(async {
-                match cli.command {
-                    Command::Serve(args) => serve::run(args).await.map_err(|e| e.to_string()),
-                }
-            })
-        });
+    let result = match cli.command {
+        Command::Serve(args) => serve::main(args).map_err(|e| e.to_string()),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -4,9 +4,9 @@ use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use linedancer::examples::{Echo, Handshake};
-use linedancer::{Server, ServerHandle};
+use linedancer::{Server, ServerHandle, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -24,6 +24,22 @@ pub struct ServeArgs {
     /// The port to listen on; 0 picks a free one.
     #[arg(long, default_value_t = linedancer::DEFAULT_PORT, value_name = "N")]
     port: u16,
+    /// How connections are spread over threads.
+    #[arg(long, value_enum, default_value_t = Model::PerCore)]
+    threading: Model,
+    /// Threads serving connections; default: one per core this process may use.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+/// The threading models of `--threading`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Model {
+    /// One listening socket per thread (SO_REUSEPORT), each thread with its own
+    /// single-threaded runtime; a connection stays on the thread that accepted it.
+    PerCore,
+    /// One listening socket and tokio's multi-thread, work-stealing runtime.
+    WorkStealing,
 }
 
 /// Why `serve` failed.
@@ -41,11 +57,43 @@ pub enum ServeError {
     /// The signal handlers could not be installed.
     #[error("cannot install the signal handlers: {0}")]
     Signals(io::Error),
+    /// `--threads 0`.
+    #[error("invalid --threads 0: needs at least 1 thread")]
+    NoThreads,
+    /// The tokio runtime could not be built.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// Runs `serve` on a runtime fit for the threading model.
+pub fn main(args: ServeArgs) -> Result<(), ServeError> {
+    let threads = match args.threads {
+        Some(0) => return Err(ServeError::NoThreads),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let runtime = match args.threading {
+        // The server's threads run the connections; this runtime only waits for signals.
+        Model::PerCore => tokio::runtime::Builder::new_current_thread(),
+        Model::WorkStealing => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+    .map_err(ServeError::Runtime)?;
+    let threading = match args.threading {
+        Model::PerCore => Threading::PerCore(threads),
+        Model::WorkStealing => Threading::Shared,
+    };
+    runtime.block_on(run(args, threading))
 }
 
 /// Serves until Ctrl-C or SIGTERM, then shuts down gracefully; a second signal closes
 /// the connections still open at once.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     let ip = match args.bind.as_str() {
         "localhost" => IpAddr::from([127, 0, 0, 1]),
         other => other
@@ -53,7 +101,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             .map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
     };
     let mut signals = Signals::new().map_err(ServeError::Signals)?;
-    let builder = Server::builder().bind(ip).port(args.port);
+    let builder = Server::builder()
+        .bind(ip)
+        .port(args.port)
+        .threading(threading);
     let server = match args.protocol.as_str() {
         "echo" => builder.protocol::<Echo>().start().await?,
         "handshake" => builder.protocol::<Handshake>().start().await?,

@@ -91,6 +91,9 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             }
             session.output.clear();
         }
+        // Idle connections hold no buffers: both go back to the thread's pool.
+        buffers::recycle(&mut session.output);
+        buffers::recycle(&mut session.input);
         if session.state_name() != state {
             state = session.state_name();
             span.record("state", display(state));
@@ -113,9 +116,6 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             Some(Timer::Clear) => armed = false,
             None => {}
         }
-        if session.input.capacity() - session.input.len() < READ_SIZE / 2 {
-            session.input.reserve(READ_SIZE);
-        }
         tokio::select! {
             biased;
             () = &mut abort => break CloseReason::Shutdown,
@@ -123,7 +123,17 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                 draining = true;
                 session.shutdown();
             }
-            read = stream.read_buf(&mut session.input) => match read {
+            read = async {
+                // Wait for bytes before taking a buffer, so that waiting costs none.
+                if session.input.is_empty() {
+                    stream.readable().await?;
+                }
+                buffers::fill(&mut session.input);
+                buffers::fill(&mut session.output);
+                // A short read marks the socket as drained, saving a read that would
+                // only say "would block".
+                stream.read_buf(&mut session.input).await
+            } => match read {
                 Ok(0) => session.decode(true),
                 Ok(_) => session.decode(false),
                 Err(e) => break CloseReason::from_io(&e),
@@ -136,6 +146,58 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     };
     let reason = session.finish(fallback);
     span.record("reason", display(&reason));
+}
+
+/// A per-thread pool of I/O buffers. A connection takes a buffer when bytes arrive
+/// and gives it back when it has no partial frame and no unwritten reply, so that idle
+/// connections hold no buffer and busy ones allocate none in steady state.
+mod buffers {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    use super::READ_SIZE;
+
+    /// Buffers kept per thread at most: enough for the connections one thread serves
+    /// at the same instant, with a margin.
+    const POOL_SIZE: usize = 64;
+
+    thread_local! {
+        static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Makes sure `buf` has room for a read.
+    pub(super) fn fill(buf: &mut BytesMut) {
+        if buf.capacity() - buf.len() >= READ_SIZE / 2 {
+            return;
+        }
+        if buf.capacity() == 0 {
+            if let Some(pooled) = POOL.with(|pool| pool.borrow_mut().pop()) {
+                *buf = pooled;
+                return;
+            }
+        }
+        buf.reserve(READ_SIZE);
+    }
+
+    /// Gives an empty `buf` back to the pool, leaving it without capacity.
+    pub(super) fn recycle(buf: &mut BytesMut) {
+        if !buf.is_empty() || buf.capacity() == 0 {
+            return;
+        }
+        let mut spare = std::mem::take(buf);
+        // Reclaims the whole allocation once the frames split from it are gone. A
+        // buffer still shared with a frame the protocol kept, or grown large by a big
+        // frame, is let go instead.
+        if spare.try_reclaim(READ_SIZE) && spare.capacity() <= 4 * READ_SIZE {
+            POOL.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL_SIZE {
+                    pool.push(spare);
+                }
+            });
+        }
+    }
 }
 
 /// Closes our side and reads what the peer still sends, for a bounded time and amount,

@@ -72,8 +72,8 @@ pub use error::Error;
 pub use handler::Handler;
 pub use protocol::{CloseReason, Ctx, Frame, Next, Protocol};
 pub use server::{
-    Builder, Server, ServerHandle, ShutdownReport, DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT,
+    Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT,
 };
 
 /// The README's examples, compiled and run as doctests.

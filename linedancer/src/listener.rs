@@ -22,8 +22,13 @@ use crate::handler::Handler;
 /// out of a resource (file descriptors, buffers, memory), before it tries again.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Binds a listening TCP socket on `addr`.
-pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// Binds a listening TCP socket on `addr`; with `reuse_port`, one of several sockets
+/// that share the port. Converted to tokio's listener inside the runtime that runs it.
+pub(crate) fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
@@ -31,10 +36,13 @@ pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     )?;
     // Lets a restarted server bind at once while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Accepts connections until `stop` is cancelled, running `handler` on each. The

@@ -1,11 +1,11 @@
 //! Starting a server ([`Builder`]) and controlling it once started ([`ServerHandle`]).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::connections::Connections;
@@ -28,6 +28,21 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// accept them.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
+/// Which threads serve the connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threading {
+    /// The tokio runtime that calls [`Builder::start`] runs the acceptor and every
+    /// connection: with a multi-thread runtime, idle workers steal connections from
+    /// busy ones. The default.
+    #[default]
+    Shared,
+    /// `n` threads of the server's own, each with a single-threaded runtime and its own
+    /// listening socket on the same port (`SO_REUSEPORT`): the kernel spreads new
+    /// connections over the sockets, and a connection stays on the thread that accepted
+    /// it, with no cross-thread synchronization on its path.
+    PerCore(usize),
+}
+
 /// Entry point: `Server::builder()`.
 #[derive(Debug)]
 pub struct Server;
@@ -42,6 +57,7 @@ impl Server {
             backlog: DEFAULT_BACKLOG,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            threading: Threading::Shared,
             handler: (),
         }
     }
@@ -74,6 +90,7 @@ pub struct Builder<H> {
     backlog: u32,
     max_connections: usize,
     drain_timeout: Duration,
+    threading: Threading,
     handler: H,
 }
 
@@ -114,6 +131,13 @@ impl<H> Builder<H> {
         self
     }
 
+    /// Which threads serve the connections. Default [`Threading::Shared`]; with
+    /// [`Threading::PerCore`], `n` must be at least 1.
+    pub fn threading(mut self, threading: Threading) -> Self {
+        self.threading = threading;
+        self
+    }
+
     /// Serves every connection with the protocol `P`, framed by `P::Codec::default()`.
     pub fn protocol<P>(self) -> Builder<Driver<P>>
     where
@@ -142,6 +166,7 @@ impl<H> Builder<H> {
             backlog: self.backlog,
             max_connections: self.max_connections,
             drain_timeout: self.drain_timeout,
+            threading: self.threading,
             handler,
         }
     }
@@ -170,28 +195,134 @@ impl<H: Handler> Builder<H> {
                 reason: "must be at least 1",
             });
         }
+        if self.threading == Threading::PerCore(0) {
+            return Err(Error::Config {
+                setting: "threading",
+                value: "PerCore(0)".into(),
+                reason: "needs at least 1 thread",
+            });
+        }
         let addr = SocketAddr::new(self.ip, self.port);
-        let bound = listener::bind(addr, self.backlog).and_then(|l| Ok((l.local_addr()?, l)));
-        let (local_addr, tcp) = bound.map_err(|source| Error::Bind { addr, source })?;
+        let bind_error = |source| Error::Bind { addr, source };
         let connections = Connections::new(self.max_connections);
+        let handler = Arc::new(self.handler);
         let stop = CancellationToken::new();
-        let acceptor = tokio::spawn(listener::accept_loop(
-            tcp,
-            Arc::clone(&connections),
-            Arc::new(self.handler),
-            stop.clone(),
-        ));
+        let acceptors = TaskTracker::new();
+        let local_addr = match self.threading {
+            Threading::Shared => {
+                let tcp = listener::bind(addr, self.backlog, false).map_err(bind_error)?;
+                let local_addr = tcp.local_addr().map_err(bind_error)?;
+                let tcp = tokio::net::TcpListener::from_std(tcp).map_err(bind_error)?;
+                acceptors.spawn(listener::accept_loop(
+                    tcp,
+                    Arc::clone(&connections),
+                    handler,
+                    stop.clone(),
+                ));
+                local_addr
+            }
+            Threading::PerCore(threads) => {
+                let started = start_per_core(
+                    threads,
+                    addr,
+                    self.backlog,
+                    &connections,
+                    &handler,
+                    &stop,
+                    &acceptors,
+                )
+                .await;
+                if started.is_err() {
+                    // Threads already running see this and end.
+                    stop.cancel();
+                }
+                started?
+            }
+        };
         info!(%local_addr, "listening");
         Ok(ServerHandle {
             inner: Arc::new(Inner {
                 local_addr,
                 connections,
                 stop,
-                acceptor: Mutex::new(Some(acceptor)),
+                acceptors,
                 drain_timeout: self.drain_timeout,
             }),
         })
     }
+}
+
+/// Starts `threads` threads, each with a single-threaded runtime running an accept loop
+/// on its own `SO_REUSEPORT` socket, and returns the address they share once every one
+/// is accepting.
+async fn start_per_core<H: Handler>(
+    threads: usize,
+    addr: SocketAddr,
+    backlog: u32,
+    connections: &Arc<Connections>,
+    handler: &Arc<H>,
+    stop: &CancellationToken,
+    acceptors: &TaskTracker,
+) -> Result<SocketAddr, Error> {
+    // The first socket settles the port (0 picks one); the others join it.
+    let first =
+        listener::bind(addr, backlog, true).map_err(|source| Error::Bind { addr, source })?;
+    let local_addr = first
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    let bind_error = |source| Error::Bind {
+        addr: local_addr,
+        source,
+    };
+    let mut sockets = vec![first];
+    for _ in 1..threads {
+        sockets.push(listener::bind(local_addr, backlog, true).map_err(bind_error)?);
+    }
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let (ready, started) = tokio::sync::oneshot::channel();
+        let (connections, handler) = (Arc::clone(connections), Arc::clone(handler));
+        let (stop, acceptors) = (stop.clone(), acceptors.clone());
+        let thread = move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return drop(ready.send(Err(e))),
+            };
+            // Runs this thread's connections until the server has stopped and every
+            // connection has ended.
+            runtime.block_on(async {
+                let tcp = match tokio::net::TcpListener::from_std(socket) {
+                    Ok(tcp) => tcp,
+                    Err(e) => return drop(ready.send(Err(e))),
+                };
+                acceptors.spawn(listener::accept_loop(
+                    tcp,
+                    Arc::clone(&connections),
+                    handler,
+                    stop.clone(),
+                ));
+                let _ = ready.send(Ok(()));
+                stop.cancelled().await;
+                connections.wait_all().await;
+            });
+        };
+        std::thread::Builder::new()
+            .name(format!("linedancer-{index}"))
+            .spawn(thread)
+            .map_err(bind_error)?;
+        match started.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(bind_error(e)),
+            Err(_) => {
+                return Err(bind_error(std::io::Error::other(
+                    "server thread ended at start",
+                )))
+            }
+        }
+    }
+    Ok(local_addr)
 }
 
 /// A running server. Clones control the same server; dropping every handle leaves it
@@ -205,10 +336,11 @@ pub struct ServerHandle {
 struct Inner {
     local_addr: SocketAddr,
     connections: Arc<Connections>,
-    /// Cancelled to stop the acceptor and close the listening socket.
+    /// Cancelled to stop the acceptors and close the listening sockets.
     stop: CancellationToken,
-    /// Taken by the first shutdown, which waits for the listening socket to close.
-    acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// The accept loops, awaited so that the listening sockets are closed before the
+    /// connections are drained.
+    acceptors: TaskTracker,
     drain_timeout: Duration,
 }
 
@@ -258,12 +390,8 @@ impl ServerHandle {
     pub async fn shutdown_with_timeout(&self, timeout: Duration) -> ShutdownReport {
         let inner = &self.inner;
         inner.stop.cancel();
-        let acceptor = inner.acceptor.lock().map(|mut a| a.take()).unwrap_or(None);
-        if let Some(acceptor) = acceptor {
-            // The acceptor returns as soon as it sees the token; a panic in it has
-            // already been reported by the runtime.
-            let _ = acceptor.await;
-        }
+        inner.acceptors.close();
+        inner.acceptors.wait().await;
         let open = inner.connections.count();
         inner.connections.drain().cancel();
         let force_closed = match tokio::time::timeout(timeout, inner.connections.wait_all()).await {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::bounded;
 use linedancer::examples::Echo;
-use linedancer::{Error, Server, ServerHandle, ShutdownReport};
+use linedancer::{Error, Server, ServerHandle, ShutdownReport, Threading};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -201,4 +201,54 @@ async fn bad_configuration_fails_at_start() {
         zero.to_string(),
         "invalid max_connections 0: must be at least 1"
     );
+}
+
+/// Ensure a thread-per-core server serves clients on its threads and stops cleanly,
+/// and that zero threads is refused.
+#[tokio::test]
+async fn per_core_threads_serve_and_stop() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .threading(Threading::PerCore(2))
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap();
+        let mut clients = Vec::new();
+        for i in 0..50 {
+            let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
+            let message = format!("client {i}");
+            assert_eq!(
+                exchange(&mut client, message.as_bytes()).await,
+                message.as_bytes()
+            );
+            clients.push(client);
+        }
+        assert_eq!(server.wait_connections(|n| n == 50).await, 50);
+        drop(clients);
+        server.wait_connections(|n| n == 0).await;
+        let report = server.shutdown().await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 0,
+                force_closed: 0
+            }
+        );
+        assert!(TcpStream::connect(server.local_addr()).await.is_err());
+
+        let zero = Server::builder()
+            .port(0)
+            .threading(Threading::PerCore(0))
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            zero.to_string(),
+            "invalid threading PerCore(0): needs at least 1 thread"
+        );
+    })
+    .await;
 }
