@@ -5,18 +5,18 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use linedancer::examples::{Echo, Handshake};
+use linedancer::examples::{Echo, Handshake, LineEcho};
 use linedancer::{Server, ServerHandle, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
-const PROTOCOLS: &[&str] = &["echo", "handshake"];
+const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo"];
 
 /// Flags of `linedancer serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The protocol to serve: echo or handshake.
+    /// The protocol to serve: echo, handshake or line-echo.
     protocol: String,
     /// The IP address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
@@ -108,6 +108,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     let server = match args.protocol.as_str() {
         "echo" => builder.protocol::<Echo>().start().await?,
         "handshake" => builder.protocol::<Handshake>().start().await?,
+        "line-echo" => builder.protocol::<LineEcho>().start().await?,
         _ => return Err(ServeError::UnknownProtocol(args.protocol)),
     };
     eprintln!("listening on {}", server.local_addr());

@@ -121,6 +121,18 @@ impl<P: Protocol> Harness<P> {
         Bytes::from(std::mem::take(&mut self.output))
     }
 
+    /// Discards what the protocol has written since the last call, and says how many
+    /// bytes that was: for tests and benchmarks that look only at state.
+    pub fn clear_output(&mut self) -> usize {
+        let mut cleared = self.output.len();
+        self.output.clear();
+        if let Some(session) = &mut self.session {
+            cleared += session.output.len();
+            session.output.clear();
+        }
+        cleared
+    }
+
     /// Takes what the protocol has written since the last call as text, lossily
     /// decoded from UTF-8.
     pub fn take_text(&mut self) -> String {

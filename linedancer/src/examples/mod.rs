@@ -1,11 +1,14 @@
 //! The example protocols of the original, as documentation to read and as servers to
-//! run: `linedancer serve echo` and `linedancer serve handshake`.
+//! run: `linedancer serve echo`, `linedancer serve handshake`, `linedancer serve line-echo`.
 //!
 //! - [`Echo`] writes back every byte it receives.
 //! - [`Handshake`] is a line protocol with a login step: a two-state machine.
+//! - [`LineEcho`] writes back every line: echo with line framing.
 
 mod echo;
 mod handshake;
+mod line_echo;
 
 pub use echo::Echo;
 pub use handshake::{Handshake, MAX_FAILED_LOGINS, WELCOME};
+pub use line_echo::LineEcho;
