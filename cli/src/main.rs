@@ -3,6 +3,7 @@
 //! It only parses flags, sets up logging and the runtime, and reports errors; the work
 //! is in the subcommands' modules.
 
+mod bench;
 mod serve;
 
 use std::io::IsTerminal;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Serve an example protocol until Ctrl-C or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Load-test a TCP echo-style server and report its throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
             runtime.block_on(async {
                 match cli.command {
                     Command::Serve(args) => serve::run(args).await.map_err(|e| e.to_string()),
+                    Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
                 }
             })
         });
