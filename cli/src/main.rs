@@ -1,8 +1,9 @@
-//! The `linedancer` command: serves the example protocols.
+//! The `linedancer` command: serves the example protocols and load-tests TCP servers.
 //!
 //! It only parses flags, sets up logging, and reports errors; the work, and the choice
 //! of runtime, is in the subcommands' modules.
 
+mod bench;
 mod serve;
 
 use std::io::IsTerminal;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Serve an example protocol until Ctrl-C or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Load-test a TCP echo-style server and report its throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::main(args).map_err(|e| e.to_string()),
+        Command::Bench(args) => bench::main(args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
