@@ -6,14 +6,18 @@
 //! shutdown signals. Everything protocol-specific lives in the sans-IO
 //! [`Session`](crate::protocol::Session); this module only moves bytes and time.
 
+use std::future::poll_fn;
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::task::ready;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_util::io::poll_read_buf;
 use tracing::field::display;
 use tracing::Span;
 
@@ -100,7 +104,7 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
         }
         if session.closing().is_some() {
             if session.closing() != Some(&CloseReason::PeerClosed) {
-                linger(&mut stream, &mut abort).await;
+                linger(&mut stream, &mut session.input, &mut abort).await;
             }
             break CloseReason::Closed;
         }
@@ -123,19 +127,25 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                 draining = true;
                 session.shutdown();
             }
-            read = async {
-                // Wait for bytes before taking a buffer, so that waiting costs none.
+            read = poll_fn(|cx| {
+                // Wait for bytes before taking a buffer, and give it back if the read
+                // would block after all: a waiting connection holds no buffer.
                 if session.input.is_empty() {
-                    stream.readable().await?;
+                    ready!(stream.poll_read_ready(cx))?;
                 }
                 buffers::fill(&mut session.input);
-                buffers::fill(&mut session.output);
                 // A short read marks the socket as drained, saving a read that would
                 // only say "would block".
-                stream.read_buf(&mut session.input).await
-            } => match read {
-                Ok(0) => session.decode(true),
-                Ok(_) => session.decode(false),
+                let read = poll_read_buf(Pin::new(&mut stream), cx, &mut session.input);
+                if read.is_pending() {
+                    buffers::recycle(&mut session.input);
+                }
+                read
+            }) => match read {
+                Ok(n) => {
+                    buffers::fill(&mut session.output);
+                    session.decode(n == 0);
+                }
                 Err(e) => break CloseReason::from_io(&e),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
@@ -205,16 +215,18 @@ mod buffers {
 /// destroy it.
 async fn linger(
     stream: &mut TcpStream,
+    scratch: &mut BytesMut,
     abort: &mut Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     if stream.shutdown().await.is_err() {
         return;
     }
     let discard = async {
-        let mut scratch = [0u8; 4096];
         let mut total = 0;
         while total < LINGER_BYTES {
-            match stream.read(&mut scratch).await {
+            scratch.clear();
+            buffers::fill(scratch);
+            match stream.read_buf(scratch).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n,
             }

@@ -8,7 +8,12 @@ use super::timed::Worker;
 /// Keeps one connection busy until the run ends: sends `--pipeline` messages, reads
 /// them back and checks them, and again; after an error, it connects anew.
 pub async fn worker(worker: Worker) {
-    let mut exchange = Exchange::new(worker.index, worker.config.size, worker.config.pipeline);
+    let mut exchange = Exchange::new(
+        worker.index,
+        worker.config.size,
+        worker.config.pipeline,
+        worker.config.lines,
+    );
     while worker.running() {
         let Some(mut stream) = worker.connect().await else {
             continue;

@@ -52,9 +52,9 @@ pub async fn run(config: &Arc<Config>) -> Measured {
 
     progress.phase("check");
     counter.store(0, Ordering::Relaxed);
-    let size = config.size;
+    let (size, lines) = (config.size, config.lines);
     let checks = streams.into_iter().map(|(index, mut stream)| async move {
-        let mut exchange = Exchange::new(index, size, 1);
+        let mut exchange = Exchange::new(index, size, 1, lines);
         let start = Instant::now();
         within(exchange.run(&mut stream))
             .await

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Worker threads of the load generator's own runtime.
     #[arg(long, default_value_t = 1, value_name = "N")]
     threads: usize,
+    /// Send lines, for line-framed echo servers: each message is `size - 1` printable
+    /// bytes and a `\n`.
+    #[arg(long)]
+    lines: bool,
     /// The server's process id: report its CPU time per request and, in hold mode, its
     /// memory per connection, from /proc.
     #[arg(long, value_name = "PID")]
@@ -174,6 +178,8 @@ pub struct Config {
     pub pipeline: usize,
     /// The generator's worker threads.
     pub threads: usize,
+    /// Whether messages are lines.
+    pub lines: bool,
     /// Load before measuring.
     pub warmup: Duration,
     /// The measured window, or the idle time in hold mode.
@@ -227,6 +233,7 @@ impl Config {
             size: args.size,
             pipeline: args.pipeline,
             threads: args.threads,
+            lines: args.lines,
             warmup: args.warmup,
             duration: args.duration,
             server,

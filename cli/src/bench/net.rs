@@ -158,11 +158,14 @@ pub struct Exchange {
     conn: u64,
     /// The batch's sequence number on this connection.
     seq: u64,
+    /// Whether each message is a line.
+    lines: bool,
 }
 
 impl Exchange {
-    /// Exchanges of `count` messages of `size` bytes for the `conn`th connection.
-    pub fn new(conn: usize, size: usize, count: usize) -> Self {
+    /// Exchanges of `count` messages of `size` bytes for the `conn`th connection; with
+    /// `lines`, each message is printable text ending in `\n`.
+    pub fn new(conn: usize, size: usize, count: usize, lines: bool) -> Self {
         Exchange {
             sent: vec![0; size * count],
             received: vec![0; size * count],
@@ -170,6 +173,7 @@ impl Exchange {
             done: Vec::with_capacity(count),
             conn: conn as u64,
             seq: 0,
+            lines,
         }
     }
 
@@ -193,6 +197,9 @@ impl Exchange {
         W: AsyncWrite + Unpin,
     {
         fill_pattern(&mut self.sent, (self.conn << 40) ^ self.seq);
+        if self.lines {
+            as_lines(&mut self.sent, self.size);
+        }
         self.seq += 1;
         self.done.clear();
         let Exchange {
@@ -260,6 +267,17 @@ fn fill_pattern(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// Turns every message of `size` bytes in `buf` into printable ASCII ending in `\n`.
+fn as_lines(buf: &mut [u8], size: usize) {
+    for message in buf.chunks_mut(size) {
+        let (end, text) = message.split_last_mut().expect("messages are not empty");
+        for byte in text {
+            *byte = b'!' + *byte % 94;
+        }
+        *end = b'\n';
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{duplex, split, DuplexStream};
@@ -294,7 +312,7 @@ mod tests {
         let (client, server) = duplex(64);
         let server = serve(server, size * count, tamper);
         let (mut reader, mut writer) = split(client);
-        let mut exchange = Exchange::new(3, size, count);
+        let mut exchange = Exchange::new(3, size, count, false);
         let result = within(exchange.run_on(&mut reader, &mut writer)).await;
         // Closing the client's end lets a server blocked on a full pipe finish.
         drop((reader, writer));
@@ -324,6 +342,17 @@ mod tests {
     async fn a_short_echo_is_an_eof() {
         let (result, _) = exchange_with(10, 1, |batch| batch.truncate(5)).await;
         assert_eq!(result, Err(Failure::Eof));
+    }
+
+    #[test]
+    fn line_messages_are_printable_and_end_in_a_newline() {
+        let mut buf = vec![0; 96];
+        fill_pattern(&mut buf, 5);
+        as_lines(&mut buf, 32);
+        for message in buf.chunks(32) {
+            assert_eq!(message[31], b'\n');
+            assert!(message[..31].iter().all(|b| b.is_ascii_graphic()));
+        }
     }
 
     #[test]

@@ -255,6 +255,7 @@ mod tests {
             size: 100,
             pipeline: 1,
             threads: 1,
+            lines: false,
             warmup: Duration::from_secs(1),
             duration: Duration::from_secs(2),
             server: None,

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Compare linedancer's echo servers with the hand-written tokio baseline, in one run.
+
+Each scenario runs both servers in alternating rounds (A B, B A, A B, ...), because this
+kind of machine drifts by tens of percent for minutes at a time: only runs interleaved
+in time compare. Where `taskset` exists the server is pinned to CPU 0 and the load
+generator (`linedancer bench`) to CPU 1. For every scenario it prints the medians, the
+min-max, the server's CPU time per request, and the ratios linedancer / baseline.
+
+    python3 bench/compare.py                      # every scenario, 3 rounds of 3 s
+    python3 bench/compare.py --rounds 5 --duration 5s --scenarios echo-50,lines-50
+    python3 bench/compare.py --linedancer-args="--threading work-stealing"
+
+Both servers log nothing per connection during the runs (linedancer with
+RUST_LOG=warn), so that the comparison is of serving, not of logging.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINEDANCER = os.path.join(ROOT, "target", "release", "linedancer")
+BASELINE = os.path.join(ROOT, "target", "release", "examples", "baseline_echo")
+
+# name: (bench flags, linedancer protocol, baseline flags)
+SCENARIOS = {
+    "echo-1": (["echo", "--conns", "1"], "echo", []),
+    "echo-50": (["echo", "--conns", "50"], "echo", []),
+    "echo-1000": (["echo", "--conns", "1000"], "echo", []),
+    "pipelined-50x16": (["echo", "--conns", "50", "--pipeline", "16"], "echo", []),
+    "churn-50": (["connect", "--conns", "50"], "echo", []),
+    "lines-50": (["echo", "--conns", "50", "--lines"], "line-echo", ["--lines"]),
+    "hold-10000": (["hold", "--conns", "10000"], "echo", []),
+}
+
+
+def pinned(cpu, command):
+    """`command` pinned to `cpu` when taskset is available."""
+    if shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu)] + command
+    return command
+
+
+def start_server(command, env):
+    """Starts a server and returns (process, address) once it says it listens."""
+    process = subprocess.Popen(
+        pinned(0, command), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env=env)
+    for line in process.stderr:
+        if line.startswith("listening on "):
+            return process, line.split()[-1]
+    raise RuntimeError(f"{command[0]} ended before listening")
+
+
+def stop_server(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_once(server, scenario, args):
+    """One run of `scenario` against `server` ("linedancer" or "baseline")."""
+    bench_flags, protocol, baseline_flags = SCENARIOS[scenario]
+    env = dict(os.environ, RUST_LOG="warn")
+    if server == "linedancer":
+        command = [LINEDANCER, "serve", protocol, "--port", "0"]
+        command += shlex.split(args.linedancer_args)
+    else:
+        command = [BASELINE, "--port", "0"] + baseline_flags
+    process, addr = start_server(command, env)
+    try:
+        duration = args.hold if bench_flags[0] == "hold" else args.duration
+        bench = [LINEDANCER, "bench", *bench_flags, "--addr", addr, "--json",
+                 "--pid", str(process.pid), "--duration", duration,
+                 "--warmup", args.warmup]
+        out = subprocess.run(pinned(1, bench), capture_output=True, text=True,
+                             env=env, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+    finally:
+        stop_server(process)
+
+
+def spread(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-", None
+    median = statistics.median(values)
+    return f"{fmt(median)} ({fmt(min(values))}-{fmt(max(values))})", median
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", default="3s", help="measured time per run")
+    parser.add_argument("--warmup", default="1s")
+    parser.add_argument("--hold", default="3s", help="idle time in the hold scenario")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--linedancer-args", default="",
+                        help="extra flags for `linedancer serve`")
+    parser.add_argument("--json", help="also write every run's numbers to this file")
+    args = parser.parse_args()
+    scenarios = args.scenarios.split(",")
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        sys.exit(f"error: unknown scenario '{unknown[0]}' (known: {', '.join(SCENARIOS)})")
+
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "linedancer-cli",
+                    "--bin", "linedancer", "--example", "baseline_echo"],
+                   cwd=ROOT, check=True)
+    runs = {s: {"linedancer": [], "baseline": []} for s in scenarios}
+    for round_ in range(args.rounds):
+        order = ["linedancer", "baseline"] if round_ % 2 == 0 else ["baseline", "linedancer"]
+        for scenario in scenarios:
+            for server in order:
+                result = run_once(server, scenario, args)
+                runs[scenario][server].append(result)
+                print(f"round {round_ + 1} {scenario:16} {server:10} "
+                      f"{result['requests_per_sec']:>12,.0f} req/s  "
+                      f"errors {result['errors_total']}", file=sys.stderr, flush=True)
+                time.sleep(0.5)  # let the sockets of the last run leave the port table
+
+    print(f"\n{args.rounds} rounds, {args.duration} each"
+          f"{', linedancer ' + args.linedancer_args if args.linedancer_args else ''}\n")
+    print("| scenario | linedancer req/s | baseline req/s | ratio "
+          "| linedancer CPU µs/req | baseline CPU µs/req | CPU ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    memory = []
+    for scenario in scenarios:
+        ld, base = runs[scenario]["linedancer"], runs[scenario]["baseline"]
+        errors = sum(r["errors_total"] for r in ld + base)
+        if SCENARIOS[scenario][0][0] == "hold":
+            kib = lambda v: f"{v / 1024:.2f}"
+            ld_mem, ld_m = spread([r["server_rss_per_conn_bytes"] for r in ld], kib)
+            base_mem, base_m = spread([r["server_rss_per_conn_bytes"] for r in base], kib)
+            memory.append((scenario, ld_mem, base_mem, ld_m, base_m, errors))
+            continue
+        rate = lambda v: f"{v:,.0f}"
+        cpu = lambda v: f"{v:.2f}"
+        ld_rps, ld_r = spread([r["requests_per_sec"] for r in ld], rate)
+        base_rps, base_r = spread([r["requests_per_sec"] for r in base], rate)
+        ld_cpu, ld_c = spread([r["server_cpu_us_per_request"] for r in ld], cpu)
+        base_cpu, base_c = spread([r["server_cpu_us_per_request"] for r in base], cpu)
+        note = f" ({errors} errors)" if errors else ""
+        print(f"| {scenario}{note} | {ld_rps} | {base_rps} | {ratio(ld_r, base_r)} "
+              f"| {ld_cpu} | {base_cpu} | {ratio(ld_c, base_c)} |")
+    for scenario, ld_mem, base_mem, ld_m, base_m, errors in memory:
+        note = f" ({errors} errors)" if errors else ""
+        extra = f"{(ld_m - base_m) / 1024:+.2f}" if ld_m is not None and base_m is not None else "-"
+        print(f"\n{scenario}{note}: server memory per idle connection, KiB: "
+              f"linedancer {ld_mem}, baseline {base_mem}, difference {extra} KiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
