@@ -10,10 +10,9 @@ use std::future::poll_fn;
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::ready;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
@@ -21,7 +20,7 @@ use tokio_util::io::poll_read_buf;
 use tracing::field::display;
 use tracing::Span;
 
-use crate::connections::Connection;
+use crate::connections::{Connection, Shutdown};
 use crate::handler::Handler;
 use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
 
@@ -76,35 +75,38 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     let mut state = session.state_name();
     span.record("state", display(state));
 
-    let drain = conn.shutdown_requested();
-    let abort = conn.aborted();
-    tokio::pin!(drain, abort);
     let mut draining = false;
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let mut armed = false;
 
     let fallback = loop {
         if !session.output.is_empty() {
-            let written = tokio::select! {
-                biased;
-                () = &mut abort => break CloseReason::Shutdown,
-                written = stream.write_all(&session.output) => written,
-            };
-            if let Err(e) = written {
-                break CloseReason::from_io(&e);
+            // Most replies fit in the socket buffer: write them at once, and wait (for
+            // the peer to read, or the drain to end) only for what is left.
+            match stream.try_write(&session.output) {
+                Ok(n) => session.output.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => break CloseReason::from_io(&e),
             }
-            session.output.clear();
+            if !session.output.is_empty() {
+                let written = tokio::select! {
+                    biased;
+                    _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => break CloseReason::Shutdown,
+                    written = stream.write_all(&session.output) => written,
+                };
+                if let Err(e) = written {
+                    break CloseReason::from_io(&e);
+                }
+                session.output.clear();
+            }
         }
-        // Idle connections hold no buffers: both go back to the thread's pool.
-        buffers::recycle(&mut session.output);
-        buffers::recycle(&mut session.input);
         if session.state_name() != state {
             state = session.state_name();
             span.record("state", display(state));
         }
         if session.closing().is_some() {
             if session.closing() != Some(&CloseReason::PeerClosed) {
-                linger(&mut stream, &mut session.input, &mut abort).await;
+                linger(&mut stream, &mut session.input, &conn).await;
             }
             break CloseReason::Closed;
         }
@@ -122,23 +124,21 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
         }
         tokio::select! {
             biased;
-            () = &mut abort => break CloseReason::Shutdown,
-            () = &mut drain, if !draining => {
-                draining = true;
-                session.shutdown();
-            }
-            read = poll_fn(|cx| {
-                // Wait for bytes before taking a buffer, and give it back if the read
-                // would block after all: a waiting connection holds no buffer.
-                if session.input.is_empty() {
-                    ready!(stream.poll_read_ready(cx))?;
+            shutdown = poll_fn(|cx| conn.poll_shutdown(cx, !draining)) => match shutdown {
+                Shutdown::Abort => break CloseReason::Shutdown,
+                Shutdown::Drain => {
+                    draining = true;
+                    session.shutdown();
                 }
+            },
+            read = poll_fn(|cx| {
+                // A waiting connection holds no buffer: the buffers taken for a read
+                // that would block go back to the pool at once.
                 buffers::fill(&mut session.input);
-                // A short read marks the socket as drained, saving a read that would
-                // only say "would block".
                 let read = poll_read_buf(Pin::new(&mut stream), cx, &mut session.input);
                 if read.is_pending() {
                     buffers::recycle(&mut session.input);
+                    buffers::recycle(&mut session.output);
                 }
                 read
             }) => match read {
@@ -213,11 +213,7 @@ mod buffers {
 /// Closes our side and reads what the peer still sends, for a bounded time and amount,
 /// so that the kernel sends a FIN after our last reply rather than a reset that could
 /// destroy it.
-async fn linger(
-    stream: &mut TcpStream,
-    scratch: &mut BytesMut,
-    abort: &mut Pin<&mut impl std::future::Future<Output = ()>>,
-) {
+async fn linger(stream: &mut TcpStream, scratch: &mut BytesMut, conn: &Connection) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -235,6 +231,6 @@ async fn linger(
     tokio::select! {
         () = discard => {}
         () = tokio::time::sleep(LINGER_TIME) => {}
-        () = abort.as_mut() => {}
+        _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => {}
     }
 }

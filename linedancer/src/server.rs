@@ -393,12 +393,12 @@ impl ServerHandle {
         inner.acceptors.close();
         inner.acceptors.wait().await;
         let open = inner.connections.count();
-        inner.connections.drain().cancel();
+        inner.connections.drain_all();
         let force_closed = match tokio::time::timeout(timeout, inner.connections.wait_all()).await {
             Ok(()) => 0,
             Err(_) => {
                 let left = inner.connections.count();
-                inner.connections.abort().cancel();
+                inner.connections.abort_all();
                 inner.connections.wait_all().await;
                 left
             }
