@@ -52,12 +52,14 @@ impl Server {
     /// protocol yet (choose one with [`Builder::protocol`] or [`Builder::handler`]).
     pub fn builder() -> Builder<()> {
         Builder {
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            port: DEFAULT_PORT,
-            backlog: DEFAULT_BACKLOG,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            threading: Threading::Shared,
+            settings: Settings {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: DEFAULT_PORT,
+                backlog: DEFAULT_BACKLOG,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                threading: Threading::Shared,
+            },
             handler: (),
         }
     }
@@ -85,34 +87,65 @@ impl Server {
 #[derive(Debug)]
 #[must_use = "a builder does nothing until started"]
 pub struct Builder<H> {
+    settings: Settings,
+    handler: H,
+}
+
+/// The builder's settings, apart from the handler.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     ip: IpAddr,
     port: u16,
     backlog: u32,
     max_connections: usize,
     drain_timeout: Duration,
     threading: Threading,
-    handler: H,
+}
+
+impl Settings {
+    /// Refuses a setting the server cannot run with, naming it.
+    fn check(&self) -> Result<(), Error> {
+        let refuse = |setting, value: String, reason| Error::Config {
+            setting,
+            value,
+            reason,
+        };
+        if self.max_connections == 0 {
+            return Err(refuse("max_connections", "0".into(), "must be at least 1"));
+        }
+        if self.backlog == 0 {
+            return Err(refuse("backlog", "0".into(), "must be at least 1"));
+        }
+        if self.threading == Threading::PerCore(0) {
+            return Err(refuse(
+                "threading",
+                "PerCore(0)".into(),
+                "needs at least 1 thread",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<H> Builder<H> {
     /// The address to listen on. Default `127.0.0.1`; `0.0.0.0` listens on every IPv4
     /// interface.
     pub fn bind(mut self, ip: impl Into<IpAddr>) -> Self {
-        self.ip = ip.into();
+        self.settings.ip = ip.into();
         self
     }
 
     /// The port to listen on. Default 7000; 0 picks a free port, which
     /// [`ServerHandle::local_addr`] reports.
     pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
+        self.settings.port = port;
         self
     }
 
     /// The listen backlog: connections the kernel completes before we accept them.
     /// Default [`DEFAULT_BACKLOG`]; the kernel may cap it (`net.core.somaxconn`).
     pub fn backlog(mut self, backlog: u32) -> Self {
-        self.backlog = backlog;
+        self.settings.backlog = backlog;
         self
     }
 
@@ -120,21 +153,21 @@ impl<H> Builder<H> {
     /// until one closes, and new peers wait in the backlog. Default
     /// [`DEFAULT_MAX_CONNECTIONS`]; must be at least 1.
     pub fn max_connections(mut self, max: usize) -> Self {
-        self.max_connections = max;
+        self.settings.max_connections = max;
         self
     }
 
     /// How long [`ServerHandle::shutdown`] waits for connections to finish before it
     /// closes them. Default [`DEFAULT_DRAIN_TIMEOUT`].
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
+        self.settings.drain_timeout = timeout;
         self
     }
 
     /// Which threads serve the connections. Default [`Threading::Shared`]; with
     /// [`Threading::PerCore`], `n` must be at least 1.
     pub fn threading(mut self, threading: Threading) -> Self {
-        self.threading = threading;
+        self.settings.threading = threading;
         self
     }
 
@@ -161,12 +194,7 @@ impl<H> Builder<H> {
     /// a protocol state machine.
     pub fn handler<H2: Handler>(self, handler: H2) -> Builder<H2> {
         Builder {
-            ip: self.ip,
-            port: self.port,
-            backlog: self.backlog,
-            max_connections: self.max_connections,
-            drain_timeout: self.drain_timeout,
-            threading: self.threading,
+            settings: self.settings,
             handler,
         }
     }
@@ -181,36 +209,17 @@ impl<H: Handler> Builder<H> {
     /// [`Error::Config`] for a setting out of range, [`Error::Bind`] when the address
     /// cannot be listened on (in use, not local, privileged port).
     pub async fn start(self) -> Result<ServerHandle, Error> {
-        if self.max_connections == 0 {
-            return Err(Error::Config {
-                setting: "max_connections",
-                value: "0".into(),
-                reason: "must be at least 1",
-            });
-        }
-        if self.backlog == 0 {
-            return Err(Error::Config {
-                setting: "backlog",
-                value: "0".into(),
-                reason: "must be at least 1",
-            });
-        }
-        if self.threading == Threading::PerCore(0) {
-            return Err(Error::Config {
-                setting: "threading",
-                value: "PerCore(0)".into(),
-                reason: "needs at least 1 thread",
-            });
-        }
-        let addr = SocketAddr::new(self.ip, self.port);
+        let settings = self.settings;
+        settings.check()?;
+        let addr = SocketAddr::new(settings.ip, settings.port);
         let bind_error = |source| Error::Bind { addr, source };
-        let connections = Connections::new(self.max_connections);
+        let connections = Connections::new(settings.max_connections);
         let handler = Arc::new(self.handler);
         let stop = CancellationToken::new();
         let acceptors = TaskTracker::new();
-        let local_addr = match self.threading {
+        let local_addr = match settings.threading {
             Threading::Shared => {
-                let tcp = listener::bind(addr, self.backlog, false).map_err(bind_error)?;
+                let tcp = listener::bind(addr, settings.backlog, false).map_err(bind_error)?;
                 let local_addr = tcp.local_addr().map_err(bind_error)?;
                 let tcp = tokio::net::TcpListener::from_std(tcp).map_err(bind_error)?;
                 acceptors.spawn(listener::accept_loop(
@@ -225,7 +234,7 @@ impl<H: Handler> Builder<H> {
                 let started = start_per_core(
                     threads,
                     addr,
-                    self.backlog,
+                    settings.backlog,
                     &connections,
                     &handler,
                     &stop,
@@ -246,7 +255,7 @@ impl<H: Handler> Builder<H> {
                 connections,
                 stop,
                 acceptors,
-                drain_timeout: self.drain_timeout,
+                drain_timeout: settings.drain_timeout,
             }),
         })
     }
