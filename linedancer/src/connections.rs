@@ -13,10 +13,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, Instrument};
 
@@ -59,8 +61,8 @@ impl Connection {
     }
 
     /// Completes when the server starts a graceful shutdown: finish the conversation and
-    /// return. A handler still running when the drain timeout ends is dropped, which
-    /// closes its socket.
+    /// return. A handler still running a second after the drain timeout ends is
+    /// dropped, which closes its socket.
     pub async fn shutdown_requested(&self) {
         poll_fn(|cx| self.signal.poll(cx, DRAIN)).await;
     }
@@ -92,6 +94,9 @@ pub(crate) enum Shutdown {
     /// Close now: the drain timeout has ended.
     Abort,
 }
+
+/// How long a connection has to close after the drain timeout before its task is ended.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// [`Signal`] bit: the server is draining.
 const DRAIN: u8 = 1;
@@ -142,12 +147,20 @@ pub(crate) struct Connections {
     slots: Arc<Semaphore>,
     /// The live count, watchable so that callers can await a value instead of polling.
     count: watch::Sender<usize>,
-    /// The signals of the live connections, to drain or close them all.
-    live: Mutex<HashMap<ConnectionId, Arc<Signal>>>,
+    /// The live connections, to drain or close them all.
+    live: Mutex<HashMap<ConnectionId, Live>>,
     /// The [`Signal`] bits raised for every connection so far, so that a connection
     /// that registers late still gets them.
     raised: AtomicU8,
     tasks: TaskTracker,
+}
+
+/// What the set keeps of a live connection.
+#[derive(Debug)]
+struct Live {
+    signal: Arc<Signal>,
+    /// Its task, to end a handler that ignores the signal; set just after the spawn.
+    task: Option<AbortHandle>,
 }
 
 /// A connection's claim on a slot; dropping it frees the slot and lowers the count.
@@ -197,7 +210,11 @@ impl Connections {
     ) {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let signal = Arc::new(Signal::default());
-        self.live().insert(id, Arc::clone(&signal));
+        let live = Live {
+            signal: Arc::clone(&signal),
+            task: None,
+        };
+        self.live().insert(id, live);
         let raised = self.raised.load(Ordering::Acquire);
         if raised != 0 {
             signal.raise(raised);
@@ -223,24 +240,17 @@ impl Connections {
         );
         let task = async move {
             info!("connection accepted");
-            tokio::select! {
-                // The handler first: the driver closes by itself on abort, and should
-                // get to record why.
-                biased;
-                result = handler.handle(stream, connection) => {
-                    if let Err(e) = result {
-                        tracing::Span::current().record("reason", tracing::field::display(&e));
-                    }
-                }
-                // A handler that ignores the drain is dropped here, closing its socket.
-                _ = poll_fn(|cx| signal.poll(cx, ABORT)) => {
-                    tracing::Span::current().record("reason", "server shutdown");
-                }
+            if let Err(e) = handler.handle(stream, connection).await {
+                tracing::Span::current().record("reason", tracing::field::display(&e));
             }
             info!("connection closed");
             drop(slot);
         };
-        self.tasks.spawn(task.instrument(span));
+        let task = self.tasks.spawn(task.instrument(span)).abort_handle();
+        // A task that has already ended has left the map, and needs no handle.
+        if let Some(live) = self.live().get_mut(&id) {
+            live.task = Some(task);
+        }
     }
 
     /// The number of live connections.
@@ -261,21 +271,43 @@ impl Connections {
         self.raise_all(DRAIN);
     }
 
-    /// Tells every connection to close now.
-    pub(crate) fn abort_all(&self) {
+    /// Closes every connection now, and returns once all have ended. The driver
+    /// closes at the signal, recording why; a raw handler that ignores it has its task
+    /// ended after [`ABORT_GRACE`]. Ending tasks this way, rather than racing every
+    /// handler against the signal, keeps the signal off the per-read path of handlers
+    /// that watch it anyway.
+    pub(crate) async fn abort_all(&self) {
         self.raise_all(ABORT);
+        if tokio::time::timeout(ABORT_GRACE, self.wait_all())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        // Taken out first: an aborted task's slot takes the same lock when it drops.
+        let stubborn: Vec<_> = (self.live().iter())
+            .filter_map(|(id, live)| Some((*id, live.task.clone()?)))
+            .collect();
+        for (id, task) in stubborn {
+            info!(
+                id = id.0,
+                "connection closed: server shutdown, its handler ignored it"
+            );
+            task.abort();
+        }
+        self.wait_all().await;
     }
 
     fn raise_all(&self, bit: u8) {
         self.raised.fetch_or(bit, Ordering::AcqRel);
-        for signal in self.live().values() {
-            signal.raise(bit);
+        for live in self.live().values() {
+            live.signal.raise(bit);
         }
     }
 
     /// The live connections' signals. A panic elsewhere cannot leave the map half
     /// changed, so a poisoned lock is used as it is.
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Arc<Signal>>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Live>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -407,8 +407,7 @@ impl ServerHandle {
             Ok(()) => 0,
             Err(_) => {
                 let left = inner.connections.count();
-                inner.connections.abort_all();
-                inner.connections.wait_all().await;
+                inner.connections.abort_all().await;
                 left
             }
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::bounded;
 use linedancer::examples::Echo;
-use linedancer::{Error, Server, ServerHandle, ShutdownReport, Threading};
+use linedancer::{Connection, Error, Handler, Server, ServerHandle, ShutdownReport, Threading};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -249,6 +249,46 @@ async fn per_core_threads_serve_and_stop() {
             zero.to_string(),
             "invalid threading PerCore(0): needs at least 1 thread"
         );
+    })
+    .await;
+}
+
+/// A raw handler that reads until the end of the stream and ignores shutdown.
+struct Stubborn;
+
+impl Handler for Stubborn {
+    async fn handle(&self, mut stream: TcpStream, _conn: Connection) -> std::io::Result<()> {
+        let mut sink = Vec::new();
+        stream.read_to_end(&mut sink).await.map(drop)
+    }
+}
+
+/// Ensure a raw handler that ignores the shutdown is ended after the drain timeout, and
+/// its connection closed and counted.
+#[tokio::test]
+async fn shutdown_ends_handlers_that_ignore_it() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .handler(Stubborn)
+            .start()
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
+        server.wait_connections(|n| n == 1).await;
+        let report = server
+            .shutdown_with_timeout(Duration::from_millis(50))
+            .await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 0,
+                force_closed: 1
+            }
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("a clean close");
+        assert_eq!(server.connections(), 0);
     })
     .await;
 }
