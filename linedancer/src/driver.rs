@@ -84,6 +84,8 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             // Most replies fit in the socket buffer: write them at once, and wait (for
             // the peer to read, or the drain to end) only for what is left.
             match stream.try_write(&session.output) {
+                // Cleared, not advanced, when all went: the buffer keeps its full room.
+                Ok(n) if n == session.output.len() => session.output.clear(),
                 Ok(n) => session.output.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => break CloseReason::from_io(&e),
@@ -134,18 +136,14 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             read = poll_fn(|cx| {
                 // A waiting connection holds no buffer: the buffers taken for a read
                 // that would block go back to the pool at once.
-                buffers::fill(&mut session.input);
+                buffers::fill([&mut session.input, &mut session.output]);
                 let read = poll_read_buf(Pin::new(&mut stream), cx, &mut session.input);
                 if read.is_pending() {
-                    buffers::recycle(&mut session.input);
-                    buffers::recycle(&mut session.output);
+                    buffers::recycle([&mut session.input, &mut session.output]);
                 }
                 read
             }) => match read {
-                Ok(n) => {
-                    buffers::fill(&mut session.output);
-                    session.decode(n == 0);
-                }
+                Ok(n) => session.decode(n == 0),
                 Err(e) => break CloseReason::from_io(&e),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
@@ -176,37 +174,56 @@ mod buffers {
         static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Makes sure `buf` has room for a read.
-    pub(super) fn fill(buf: &mut BytesMut) {
-        if buf.capacity() - buf.len() >= READ_SIZE / 2 {
+    /// Makes sure every buffer has room for a read, taking empty ones from the pool.
+    /// Buffers go in and out together, so that the pool is looked up once.
+    pub(super) fn fill<const N: usize>(bufs: [&mut BytesMut; N]) {
+        if bufs
+            .iter()
+            .all(|buf| buf.capacity() - buf.len() >= READ_SIZE / 2)
+        {
             return;
         }
-        if buf.capacity() == 0 {
-            if let Some(pooled) = POOL.with(|pool| pool.borrow_mut().pop()) {
-                *buf = pooled;
-                return;
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            for buf in bufs {
+                if buf.capacity() == 0 {
+                    if let Some(pooled) = pool.pop() {
+                        *buf = pooled;
+                    }
+                }
+                if buf.capacity() - buf.len() < READ_SIZE / 2 {
+                    buf.reserve(READ_SIZE);
+                }
             }
-        }
-        buf.reserve(READ_SIZE);
+        });
     }
 
-    /// Gives an empty `buf` back to the pool, leaving it without capacity.
-    pub(super) fn recycle(buf: &mut BytesMut) {
-        if !buf.is_empty() || buf.capacity() == 0 {
+    /// Gives the empty buffers back to the pool, leaving them without capacity.
+    pub(super) fn recycle<const N: usize>(bufs: [&mut BytesMut; N]) {
+        if bufs
+            .iter()
+            .all(|buf| !buf.is_empty() || buf.capacity() == 0)
+        {
             return;
         }
-        let mut spare = std::mem::take(buf);
-        // Reclaims the whole allocation once the frames split from it are gone. A
-        // buffer still shared with a frame the protocol kept, or grown large by a big
-        // frame, is let go instead.
-        if spare.try_reclaim(READ_SIZE) && spare.capacity() <= 4 * READ_SIZE {
-            POOL.with(|pool| {
-                let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_SIZE {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            for buf in bufs {
+                if !buf.is_empty() || buf.capacity() == 0 {
+                    continue;
+                }
+                let mut spare = std::mem::take(buf);
+                // A buffer with room left for a read is pooled as it is: reclaiming the
+                // part that frames were split from costs more than the rest of a
+                // return, so `fill` does it only once the room runs low. One without
+                // room is reclaimed now, or, when a frame the protocol kept still
+                // shares it, let go; so is one grown large by a big frame.
+                let room = spare.capacity() >= READ_SIZE / 2 || spare.try_reclaim(READ_SIZE);
+                if room && spare.capacity() <= 4 * READ_SIZE && pool.len() < POOL_SIZE {
                     pool.push(spare);
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -221,7 +238,7 @@ async fn linger(stream: &mut TcpStream, scratch: &mut BytesMut, conn: &Connectio
         let mut total = 0;
         while total < LINGER_BYTES {
             scratch.clear();
-            buffers::fill(scratch);
+            buffers::fill([&mut *scratch]);
             match stream.read_buf(scratch).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n,
