@@ -9,15 +9,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, Instrument};
@@ -145,14 +146,80 @@ pub(crate) struct Connections {
     next_id: AtomicU64,
     /// Free slots: one permit per connection that may still be accepted.
     slots: Arc<Semaphore>,
-    /// The live count, watchable so that callers can await a value instead of polling.
-    count: watch::Sender<usize>,
+    /// The live count.
+    count: Count,
     /// The live connections, to drain or close them all.
-    live: Mutex<HashMap<ConnectionId, Live>>,
+    live: Mutex<HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>>,
     /// The [`Signal`] bits raised for every connection so far, so that a connection
     /// that registers late still gets them.
     raised: AtomicU8,
     tasks: TaskTracker,
+}
+
+/// The live count: read with an atomic load, changed with an atomic add, and awaited
+/// without polling. Waiters are counted so that a change wakes only when someone
+/// waits: a watch channel's notification on every connect and close was the largest
+/// cost of a short connection.
+#[derive(Debug, Default)]
+struct Count {
+    value: AtomicUsize,
+    waiters: AtomicUsize,
+    changed: Notify,
+}
+
+impl Count {
+    fn add(&self, delta: isize) {
+        // Sequentially consistent with `wait_for`: either the waiter is counted here,
+        // or it reads the new value after registering.
+        // Wrapping addition: `-1 as usize` subtracts one.
+        self.value.fetch_add(delta as usize, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    async fn wait_for(&self, mut ready: impl FnMut(usize) -> bool) -> usize {
+        /// Uncounts the waiter however the wait ends.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiters);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let value = self.value.load(Ordering::SeqCst);
+            if ready(value) {
+                return value;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Hashes connection ids, distinct sequence numbers, with one multiplication (whose
+/// high bits the map uses) instead of SipHash, which no peer can attack here.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// What the set keeps of a live connection.
@@ -174,7 +241,7 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.connections.live().remove(&self.id);
-        self.connections.count.send_modify(|n| *n -= 1);
+        self.connections.count.add(-1);
     }
 }
 
@@ -183,8 +250,8 @@ impl Connections {
         Arc::new(Connections {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(max_connections)),
-            count: watch::Sender::new(0),
-            live: Mutex::new(HashMap::new()),
+            count: Count::default(),
+            live: Mutex::new(HashMap::default()),
             raised: AtomicU8::new(0),
             tasks: TaskTracker::new(),
         })
@@ -219,7 +286,7 @@ impl Connections {
         if raised != 0 {
             signal.raise(raised);
         }
-        self.count.send_modify(|n| *n += 1);
+        self.count.add(1);
         let slot = Slot {
             id,
             connections: Arc::clone(self),
@@ -255,15 +322,12 @@ impl Connections {
 
     /// The number of live connections.
     pub(crate) fn count(&self) -> usize {
-        *self.count.borrow()
+        self.count.value.load(Ordering::SeqCst)
     }
 
     /// Waits until `ready` holds for the live count, and returns that count.
-    pub(crate) async fn wait_count(&self, mut ready: impl FnMut(usize) -> bool) -> usize {
-        let mut count = self.count.subscribe();
-        let waited = count.wait_for(|n| ready(*n)).await.map(|n| *n);
-        // `self` owns the sender, so the wait cannot fail; answer the count regardless.
-        waited.unwrap_or_else(|_| self.count())
+    pub(crate) async fn wait_count(&self, ready: impl FnMut(usize) -> bool) -> usize {
+        self.count.wait_for(ready).await
     }
 
     /// Tells every connection that a graceful shutdown has begun.
@@ -307,7 +371,9 @@ impl Connections {
 
     /// The live connections' signals. A panic elsewhere cannot leave the map half
     /// changed, so a poisoned lock is used as it is.
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Live>> {
+    fn live(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -152,6 +152,11 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             }
         }
     };
+    // What is left unread or unwritten is discarded with the connection; the buffers
+    // go back to the pool, so that a new connection does not allocate its own.
+    session.input.clear();
+    session.output.clear();
+    buffers::recycle([&mut session.input, &mut session.output]);
     let reason = session.finish(fallback);
     span.record("reason", display(&reason));
 }

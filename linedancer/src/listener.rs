@@ -60,15 +60,18 @@ pub(crate) async fn accept_loop<H: Handler>(
             return;
         }
     };
+    // One future for the whole loop: making a new one for every accept costs a lock.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let permit = tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = &mut stopped => return,
             permit = connections.reserve() => permit,
         };
         let accepted = tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = &mut stopped => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -83,7 +86,7 @@ pub(crate) async fn accept_loop<H: Handler>(
                 drop(permit);
                 if accept_failed(&e) == AfterError::Backoff {
                     tokio::select! {
-                        () = stop.cancelled() => return,
+                        () = &mut stopped => return,
                         () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
                     }
                 }
