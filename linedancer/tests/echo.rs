@@ -150,26 +150,31 @@ async fn shutdown_drains_connected_clients() {
     .await;
 }
 
+/// Connects a client that stays idle, shuts down with a short drain timeout, and checks
+/// that the connection was closed cleanly and counted as force-closed.
+async fn force_closes_an_idle_client(server: ServerHandle) {
+    let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
+    server.wait_connections(|n| n == 1).await;
+    let report = server
+        .shutdown_with_timeout(Duration::from_millis(50))
+        .await;
+    assert_eq!(
+        report,
+        ShutdownReport {
+            drained: 0,
+            force_closed: 1
+        }
+    );
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).await.expect("a clean close");
+    assert_eq!(server.connections(), 0);
+}
+
 /// Ensure connections still open when the drain timeout ends are closed and counted.
 #[tokio::test]
 async fn shutdown_force_closes_after_the_drain_timeout() {
     bounded(async {
-        let server = echo_server().await;
-        let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
-        server.wait_connections(|n| n == 1).await;
-        let report = server
-            .shutdown_with_timeout(Duration::from_millis(50))
-            .await;
-        assert_eq!(
-            report,
-            ShutdownReport {
-                drained: 0,
-                force_closed: 1
-            }
-        );
-        let mut rest = Vec::new();
-        idle.read_to_end(&mut rest).await.expect("a clean close");
-        assert_eq!(server.connections(), 0);
+        force_closes_an_idle_client(echo_server().await).await;
     })
     .await;
 }
@@ -274,21 +279,7 @@ async fn shutdown_ends_handlers_that_ignore_it() {
             .start()
             .await
             .unwrap();
-        let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
-        server.wait_connections(|n| n == 1).await;
-        let report = server
-            .shutdown_with_timeout(Duration::from_millis(50))
-            .await;
-        assert_eq!(
-            report,
-            ShutdownReport {
-                drained: 0,
-                force_closed: 1
-            }
-        );
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.expect("a clean close");
-        assert_eq!(server.connections(), 0);
+        force_closes_an_idle_client(server).await;
     })
     .await;
 }
