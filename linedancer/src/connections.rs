@@ -6,13 +6,16 @@
 //! the connection task with a [`Slot`] guard whose drop frees it and lowers the count,
 //! however the task ends.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,9 +24,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::handler::Handler;
+use crate::protocol::CloseReason;
+use crate::stats::{ByteCounts, Bytes, Counters, Stats};
 
 /// A connection's id: unique within one server, in accept order, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,7 +47,8 @@ pub struct Connection {
     id: ConnectionId,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
-    signal: Arc<Signal>,
+    limits: Limits,
+    shared: Arc<Shared>,
 }
 
 impl Connection {
@@ -61,23 +67,40 @@ impl Connection {
         self.local_addr
     }
 
+    /// The server's per-connection limits, which the protocol driver enforces and a raw
+    /// handler may apply as it sees fit.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Records the bytes moved so far, for [`Stats`]; totals, not increments.
+    pub(crate) fn record_bytes(&self, bytes: Bytes) {
+        self.shared.bytes.set(bytes);
+    }
+
+    /// Records why the connection is ending, for the log and [`Stats`]; the protocol
+    /// driver knows better than its `Ok(())`.
+    pub(crate) fn record_close(&self, reason: CloseReason) {
+        *lock(&self.shared.reason) = Some(reason);
+    }
+
     /// Completes when the server starts a graceful shutdown: finish the conversation and
     /// return. A handler still running a second after the drain timeout ends is
     /// dropped, which closes its socket.
     pub async fn shutdown_requested(&self) {
-        poll_fn(|cx| self.signal.poll(cx, DRAIN)).await;
+        poll_fn(|cx| self.shared.signal.poll(cx, DRAIN)).await;
     }
 
     /// Whether the server has started a graceful shutdown.
     pub fn is_shutdown_requested(&self) -> bool {
-        self.signal.is_raised(DRAIN)
+        self.shared.signal.is_raised(DRAIN)
     }
 
     /// Polls for the end of the drain timeout and, with `drain`, for the start of a
     /// graceful shutdown: one poll for both, as the driver waits for both.
     pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>, drain: bool) -> Poll<Shutdown> {
         let mask = if drain { DRAIN | ABORT } else { ABORT };
-        self.signal.poll(cx, mask).map(|raised| {
+        self.shared.signal.poll(cx, mask).map(|raised| {
             if raised & ABORT != 0 {
                 Shutdown::Abort
             } else {
@@ -94,6 +117,31 @@ pub(crate) enum Shutdown {
     Drain,
     /// Close now: the drain timeout has ended.
     Abort,
+}
+
+/// The limits every connection of a server runs under; see the [`Builder`] methods of
+/// the same names.
+///
+/// [`Builder`]: crate::Builder
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Close a connection when no bytes arrive for this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection whose peer takes none of a pending reply for this long.
+    pub send_timeout: Duration,
+    /// Close a connection with more than this many bytes of replies waiting to be
+    /// written.
+    pub max_output: usize,
+}
+
+/// What a connection's task shares with the connection set.
+#[derive(Debug, Default)]
+struct Shared {
+    signal: Signal,
+    bytes: ByteCounts,
+    /// Set by the protocol driver as the connection ends.
+    reason: Mutex<Option<CloseReason>>,
 }
 
 /// How long a connection has to close after the drain timeout before its task is ended.
@@ -146,6 +194,11 @@ pub(crate) struct Connections {
     next_id: AtomicU64,
     /// Free slots: one permit per connection that may still be accepted.
     slots: Arc<Semaphore>,
+    /// The connection limit, changed under this lock.
+    max: Mutex<usize>,
+    /// Permits to take out of use as they come back, after the limit was lowered below
+    /// the connections then open.
+    excess: AtomicUsize,
     /// The live count.
     count: Count,
     /// The live connections, to drain or close them all.
@@ -153,6 +206,8 @@ pub(crate) struct Connections {
     /// The [`Signal`] bits raised for every connection so far, so that a connection
     /// that registers late still gets them.
     raised: AtomicU8,
+    limits: Limits,
+    counters: Counters,
     tasks: TaskTracker,
 }
 
@@ -163,6 +218,8 @@ pub(crate) struct Connections {
 #[derive(Debug, Default)]
 struct Count {
     value: AtomicUsize,
+    /// The highest value so far.
+    peak: AtomicUsize,
     waiters: AtomicUsize,
     changed: Notify,
 }
@@ -172,7 +229,12 @@ impl Count {
         // Sequentially consistent with `wait_for`: either the waiter is counted here,
         // or it reads the new value after registering.
         // Wrapping addition: `-1 as usize` subtracts one.
-        self.value.fetch_add(delta as usize, Ordering::SeqCst);
+        let value =
+            (self.value.fetch_add(delta as usize, Ordering::SeqCst)).wrapping_add(delta as usize);
+        // A load first: the read-modify-write only happens at a new peak.
+        if delta > 0 && value > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(value, Ordering::Relaxed);
+        }
         if self.waiters.load(Ordering::SeqCst) > 0 {
             self.changed.notify_waiters();
         }
@@ -225,78 +287,154 @@ impl Hasher for IdHasher {
 /// What the set keeps of a live connection.
 #[derive(Debug)]
 struct Live {
-    signal: Arc<Signal>,
+    shared: Arc<Shared>,
     /// Its task, to end a handler that ignores the signal; set just after the spawn.
     task: Option<AbortHandle>,
 }
 
-/// A connection's claim on a slot; dropping it frees the slot and lowers the count.
+/// A free slot held by the acceptor while it accepts; dropping it gives the slot back.
 #[derive(Debug)]
-pub(crate) struct Slot {
+pub(crate) struct Reservation<'a> {
+    connections: &'a Connections,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.connections.release(permit);
+        }
+    }
+}
+
+/// A connection's claim on a slot. Dropping it frees the slot, lowers the count and
+/// counts the close, for the reason set in `reason` or, if none was (the task was
+/// ended), [`CloseReason::Shutdown`].
+#[derive(Debug)]
+struct Slot {
     id: ConnectionId,
     connections: Arc<Connections>,
-    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    permit: Option<OwnedSemaphorePermit>,
+    reason: Option<CloseReason>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.connections.live().remove(&self.id);
-        self.connections.count.add(-1);
+        let connections = &self.connections;
+        connections.live().remove(&self.id);
+        let reason = self.reason.take().unwrap_or(CloseReason::Shutdown);
+        connections
+            .counters
+            .closed(&reason, self.shared.bytes.get());
+        connections.count.add(-1);
+        if let Some(permit) = self.permit.take() {
+            connections.release(permit);
+        }
     }
 }
 
 impl Connections {
-    pub(crate) fn new(max_connections: usize) -> Arc<Self> {
+    pub(crate) fn new(max_connections: usize, limits: Limits) -> Arc<Self> {
         Arc::new(Connections {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(max_connections)),
+            max: Mutex::new(max_connections),
+            excess: AtomicUsize::new(0),
             count: Count::default(),
             live: Mutex::new(HashMap::default()),
             raised: AtomicU8::new(0),
+            limits,
+            counters: Counters::default(),
             tasks: TaskTracker::new(),
         })
     }
 
-    /// Waits for a free slot, to hold while accepting. Dropping the permit frees it.
-    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
-        Arc::clone(&self.slots)
+    /// Waits for a free slot, to hold while accepting.
+    pub(crate) async fn reserve(&self) -> Reservation<'_> {
+        let permit = Arc::clone(&self.slots)
             .acquire_owned()
             .await
-            .expect("the slot semaphore is never closed")
+            .expect("the slot semaphore is never closed");
+        Reservation {
+            connections: self,
+            permit: Some(permit),
+        }
+    }
+
+    /// Gives a slot back, or takes it out of use if the limit has been lowered.
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let owed = self.excess.load(Ordering::Relaxed) > 0
+            && (self.excess)
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        if owed {
+            permit.forget();
+        }
+    }
+
+    /// The connection limit.
+    pub(crate) fn max(&self) -> usize {
+        *lock(&self.max)
+    }
+
+    /// Changes the connection limit. Raised, the acceptor goes on at once if it was
+    /// waiting for a slot; lowered below the connections open, none is closed, and no
+    /// more are accepted until enough have ended.
+    pub(crate) fn set_max(&self, new: usize) {
+        let mut max = lock(&self.max);
+        if new > *max {
+            let mut grow = new - *max;
+            // Slots still owed from an earlier lowering are forgiven first.
+            if let Ok(owed) = (self.excess).fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n - n.min(grow))
+            }) {
+                grow -= owed.min(grow);
+            }
+            self.slots.add_permits(grow);
+        } else {
+            let shrink = *max - new;
+            let forgotten = self.slots.forget_permits(shrink);
+            self.excess.fetch_add(shrink - forgotten, Ordering::AcqRel);
+        }
+        *max = new;
     }
 
     /// Runs `handler` on an accepted socket in a task of its own, inside a span that
     /// carries the connection id, peer address, state and close reason.
     pub(crate) fn spawn<H: Handler>(
         self: &Arc<Self>,
-        permit: OwnedSemaphorePermit,
+        mut reservation: Reservation<'_>,
         stream: TcpStream,
         peer_addr: SocketAddr,
         local_addr: SocketAddr,
         handler: Arc<H>,
     ) {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let signal = Arc::new(Signal::default());
+        let shared = Arc::new(Shared::default());
         let live = Live {
-            signal: Arc::clone(&signal),
+            shared: Arc::clone(&shared),
             task: None,
         };
         self.live().insert(id, live);
         let raised = self.raised.load(Ordering::Acquire);
         if raised != 0 {
-            signal.raise(raised);
+            shared.signal.raise(raised);
         }
         self.count.add(1);
-        let slot = Slot {
+        let mut slot = Slot {
             id,
             connections: Arc::clone(self),
-            _permit: permit,
+            shared: Arc::clone(&shared),
+            permit: reservation.permit.take(),
+            reason: None,
         };
         let connection = Connection {
             id,
             peer_addr,
             local_addr,
-            signal: Arc::clone(&signal),
+            limits: self.limits,
+            shared,
         };
         let span = info_span!(
             "conn",
@@ -307,10 +445,23 @@ impl Connections {
         );
         let task = async move {
             info!("connection accepted");
-            if let Err(e) = handler.handle(stream, connection).await {
-                tracing::Span::current().record("reason", tracing::field::display(&e));
+            // The handler is called inside the task, so that a panic while making its
+            // future is caught like one while polling it.
+            let served = catching_panics(async move { handler.handle(stream, connection).await });
+            let reason = match served.await {
+                Ok(Ok(())) => lock(&slot.shared.reason)
+                    .take()
+                    .unwrap_or(CloseReason::Closed),
+                Ok(Err(e)) => CloseReason::from_io(&e),
+                Err(panic) => CloseReason::Panic(panic_message(&*panic)),
+            };
+            tracing::Span::current().record("reason", tracing::field::display(&reason));
+            if let CloseReason::Panic(_) = reason {
+                warn!("connection closed");
+            } else {
+                info!("connection closed");
             }
-            info!("connection closed");
+            slot.reason = Some(reason);
             drop(slot);
         };
         let task = self.tasks.spawn(task.instrument(span)).abort_handle();
@@ -328,6 +479,25 @@ impl Connections {
     /// Waits until `ready` holds for the live count, and returns that count.
     pub(crate) async fn wait_count(&self, ready: impl FnMut(usize) -> bool) -> usize {
         self.count.wait_for(ready).await
+    }
+
+    /// Counts a failed `accept()`.
+    pub(crate) fn accept_error(&self) {
+        self.counters.accept_error();
+    }
+
+    /// The server's counters now.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut live = Bytes::default();
+        for connection in self.live().values() {
+            live += connection.shared.bytes.get();
+        }
+        self.counters.snapshot(
+            self.next_id.load(Ordering::Relaxed) - 1,
+            self.count(),
+            self.count.peak.load(Ordering::Relaxed),
+            live,
+        )
     }
 
     /// Tells every connection that a graceful shutdown has begun.
@@ -365,16 +535,13 @@ impl Connections {
     fn raise_all(&self, bit: u8) {
         self.raised.fetch_or(bit, Ordering::AcqRel);
         for live in self.live().values() {
-            live.signal.raise(bit);
+            live.shared.signal.raise(bit);
         }
     }
 
-    /// The live connections' signals. A panic elsewhere cannot leave the map half
-    /// changed, so a poisoned lock is used as it is.
-    fn live(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>> {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The live connections.
+    fn live(&self) -> MutexGuard<'_, HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>> {
+        lock(&self.live)
     }
 
     /// Waits until every connection task has ended. Only meaningful once no more
@@ -382,5 +549,36 @@ impl Connections {
     pub(crate) async fn wait_all(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// Locks `mutex`. No code panics while holding these locks with the data half changed,
+/// so a poisoned lock is used as it is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `future`, turning a panic while polling it into an error holding the panic's
+/// payload.
+async fn catching_panics<F: Future>(future: F) -> Result<F::Output, Box<dyn Any + Send>> {
+    let mut future = pin!(future);
+    poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        },
+    )
+    .await
+}
+
+/// The message of a panic, when it has one (`panic!` with a string or a format).
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(no message)".to_owned()
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::field::display;
 use tracing::Span;
@@ -23,6 +23,7 @@ use tracing::Span;
 use crate::connections::{Connection, Shutdown};
 use crate::handler::Handler;
 use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
+use crate::stats::Bytes;
 
 /// Bytes reserved in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -63,9 +64,10 @@ where
     }
 }
 
-/// Serves one connection until it closes, and records the close reason in the span.
+/// Serves one connection until it closes, and records why.
 async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connection) {
     let span = Span::current();
+    let limits = conn.limits();
     let peer = Peer {
         id: conn.id(),
         peer_addr: conn.peer_addr(),
@@ -75,9 +77,15 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     let mut state = session.state_name();
     span.record("state", display(state));
 
+    let mut bytes = Bytes::default();
     let mut draining = false;
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let mut armed = false;
+    // The idle timer is pushed back lazily: a read only notes the time, and the timer,
+    // when it fires early, sleeps again until the real deadline.
+    let mut idle = limits
+        .idle_timeout
+        .map(|after| (Box::pin(sleep(after)), Instant::now()));
 
     let fallback = loop {
         if !session.output.is_empty() {
@@ -85,22 +93,33 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             // the peer to read, or the drain to end) only for what is left.
             match stream.try_write(&session.output) {
                 // Cleared, not advanced, when all went: the buffer keeps its full room.
-                Ok(n) if n == session.output.len() => session.output.clear(),
-                Ok(n) => session.output.advance(n),
+                Ok(n) if n == session.output.len() => {
+                    session.output.clear();
+                    bytes.written += n as u64;
+                }
+                Ok(n) => {
+                    session.output.advance(n);
+                    bytes.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => break CloseReason::from_io(&e),
             }
             if !session.output.is_empty() {
-                let written = tokio::select! {
-                    biased;
-                    _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => break CloseReason::Shutdown,
-                    written = stream.write_all(&session.output) => written,
-                };
-                if let Err(e) = written {
-                    break CloseReason::from_io(&e);
+                if session.output.len() > limits.max_output {
+                    break CloseReason::OutputOverflow;
                 }
-                session.output.clear();
+                conn.record_bytes(bytes);
+                if let Err(reason) =
+                    flush(&mut stream, &mut session.output, &mut bytes, &conn).await
+                {
+                    break reason;
+                }
+                if let Some((_, last_input)) = &mut idle {
+                    // Waiting for the peer to read is not idleness.
+                    *last_input = Instant::now();
+                }
             }
+            conn.record_bytes(bytes);
         }
         if session.state_name() != state {
             state = session.state_name();
@@ -143,12 +162,29 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                 }
                 read
             }) => match read {
-                Ok(n) => session.decode(n == 0),
+                Ok(n) => {
+                    if n > 0 {
+                        bytes.read += n as u64;
+                        conn.record_bytes(bytes);
+                        if let Some((_, last_input)) = &mut idle {
+                            *last_input = Instant::now();
+                        }
+                    }
+                    session.decode(n == 0);
+                }
                 Err(e) => break CloseReason::from_io(&e),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
                 armed = false;
                 session.timeout();
+            }
+            () = async { idle.as_mut().expect("checked").0.as_mut().await }, if idle.is_some() => {
+                let (sleep, last_input) = idle.as_mut().expect("checked");
+                let deadline = *last_input + limits.idle_timeout.expect("idle implies a timeout");
+                if deadline <= Instant::now() {
+                    break CloseReason::IdleTimeout;
+                }
+                sleep.as_mut().reset(deadline);
             }
         }
     };
@@ -157,8 +193,36 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     session.input.clear();
     session.output.clear();
     buffers::recycle([&mut session.input, &mut session.output]);
-    let reason = session.finish(fallback);
-    span.record("reason", display(&reason));
+    conn.record_close(session.finish(fallback));
+}
+
+/// Writes the rest of `output` to a peer that is slow to take it, giving up when it
+/// takes nothing for the send timeout or when the server's drain timeout ends.
+async fn flush(
+    stream: &mut TcpStream,
+    output: &mut BytesMut,
+    bytes: &mut Bytes,
+    conn: &Connection,
+) -> Result<(), CloseReason> {
+    let send_timeout = conn.limits().send_timeout;
+    while !output.is_empty() {
+        let written = tokio::select! {
+            biased;
+            _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => return Err(CloseReason::Shutdown),
+            written = tokio::time::timeout(send_timeout, stream.write(output)) => written,
+        };
+        match written {
+            Err(_elapsed) => return Err(CloseReason::SendTimeout),
+            Ok(Ok(0)) => return Err(CloseReason::PeerReset),
+            Ok(Ok(n)) => {
+                output.advance(n);
+                bytes.written += n as u64;
+            }
+            Ok(Err(e)) => return Err(CloseReason::from_io(&e)),
+        }
+    }
+    output.clear();
+    Ok(())
 }
 
 /// A per-thread pool of I/O buffers. A connection takes a buffer when bytes arrive

@@ -64,17 +64,20 @@ mod handler;
 mod listener;
 mod protocol;
 mod server;
+mod stats;
 pub mod testing;
 
-pub use connections::{Connection, ConnectionId};
+pub use connections::{Connection, ConnectionId, Limits};
 pub use driver::Driver;
 pub use error::Error;
 pub use handler::Handler;
 pub use protocol::{CloseReason, Ctx, Frame, Next, Protocol};
 pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT,
+    DEFAULT_SEND_TIMEOUT,
 };
+pub use stats::{ClosedCounts, Stats};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,4 +1,5 @@
-//! Listening sockets and the accept loop.
+//! Listening sockets, the accept loop, and the [`Gate`] that suspends, resumes and stops
+//! accepting.
 //!
 //! Sockets are made with `socket2` (`SO_REUSEADDR`, our own backlog) and every accepted
 //! socket gets `TCP_NODELAY`. The accept loop takes a connection slot before it accepts,
@@ -7,12 +8,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol as IpProtocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::connections::Connections;
@@ -45,13 +48,73 @@ pub(crate) fn bind(
     Ok(socket.into())
 }
 
-/// Accepts connections until `stop` is cancelled, running `handler` on each. The
-/// listening socket is closed when this returns, so new connects are then refused.
+/// Whether the acceptors accept: shared by every accept loop of a server and its handle.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    /// [`OPEN`], [`SUSPENDED`] or [`STOPPED`].
+    state: AtomicU8,
+    changed: Notify,
+}
+
+/// [`Gate`] state: accepting.
+const OPEN: u8 = 0;
+/// [`Gate`] state: not accepting for now; the listening sockets stay open.
+const SUSPENDED: u8 = 1;
+/// [`Gate`] state: stopped for good; the listening sockets are closed.
+const STOPPED: u8 = 2;
+
+impl Gate {
+    /// Stops accepting for now. Returns whether it was accepting.
+    pub(crate) fn suspend(&self) -> bool {
+        self.change(OPEN, SUSPENDED)
+    }
+
+    /// Accepts again after [`suspend`](Gate::suspend). Returns whether it was suspended.
+    pub(crate) fn resume(&self) -> bool {
+        self.change(SUSPENDED, OPEN)
+    }
+
+    /// Stops accepting for good.
+    pub(crate) fn stop(&self) {
+        self.state.store(STOPPED, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn is_suspended(&self) -> bool {
+        self.state.load(Ordering::Acquire) == SUSPENDED
+    }
+
+    fn change(&self, from: u8, to: u8) -> bool {
+        let changed = (self.state)
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// Completes once the gate is stopped.
+    pub(crate) async fn stopped(&self) {
+        loop {
+            let mut changed = pin!(self.changed.notified());
+            changed.as_mut().enable();
+            if self.state.load(Ordering::Acquire) == STOPPED {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Accepts connections while `gate` is open, running `handler` on each, until it is
+/// stopped. The listening socket is closed when this returns, so new connects are then
+/// refused; while the gate is suspended they wait in the backlog.
 pub(crate) async fn accept_loop<H: Handler>(
     listener: TcpListener,
     connections: Arc<Connections>,
     handler: Arc<H>,
-    stop: CancellationToken,
+    gate: Arc<Gate>,
 ) {
     let local_addr = match listener.local_addr() {
         Ok(addr) => addr,
@@ -60,34 +123,52 @@ pub(crate) async fn accept_loop<H: Handler>(
             return;
         }
     };
-    // One future for the whole loop: making a new one for every accept costs a lock.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = &mut stopped => return,
-            permit = connections.reserve() => permit,
-        };
-        let accepted = tokio::select! {
-            biased;
-            () = &mut stopped => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer_addr)) => {
-                if let Err(e) = stream.set_nodelay(true) {
-                    // The peer is already gone; the connection task will find out.
-                    debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
-                }
-                connections.spawn(permit, stream, peer_addr, local_addr, Arc::clone(&handler));
+        // One future for as long as the gate stays as it is: making a new one for every
+        // accept costs a lock.
+        let mut changed = pin!(gate.changed.notified());
+        changed.as_mut().enable();
+        match gate.state.load(Ordering::Acquire) {
+            STOPPED => return,
+            SUSPENDED => {
+                changed.await;
+                continue;
             }
-            Err(e) => {
-                drop(permit);
-                if accept_failed(&e) == AfterError::Backoff {
-                    tokio::select! {
-                        () = &mut stopped => return,
-                        () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
+            _ => {}
+        }
+        loop {
+            let reservation = tokio::select! {
+                biased;
+                () = &mut changed => break,
+                reservation = connections.reserve() => reservation,
+            };
+            let accepted = tokio::select! {
+                biased;
+                () = &mut changed => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer_addr)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        // The peer is already gone; the connection task will find out.
+                        debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
+                    }
+                    connections.spawn(
+                        reservation,
+                        stream,
+                        peer_addr,
+                        local_addr,
+                        Arc::clone(&handler),
+                    );
+                }
+                Err(e) => {
+                    drop(reservation);
+                    connections.accept_error();
+                    if accept_failed(&e) == AfterError::Backoff {
+                        tokio::select! {
+                            () = &mut changed => break,
+                            () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
+                        }
                     }
                 }
             }

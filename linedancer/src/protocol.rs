@@ -68,7 +68,7 @@ pub trait Protocol: Sized + Send + 'static {
     fn frame(&mut self, frame: Frame<Self>, ctx: &mut Ctx<'_, Self>) -> Next;
 
     /// The timeout armed with [`Ctx::set_timeout`] expired. By default the connection is
-    /// closed (reason [`CloseReason::Timeout`]).
+    /// closed (reason [`CloseReason::StateTimeout`]).
     fn timeout(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
         let _ = ctx;
         Next::Close
@@ -107,7 +107,7 @@ pub enum Next {
 }
 
 /// Why a connection ended. Every connection that ends gets one, logged with the
-/// connection's id and state.
+/// connection's id and state, and counted in [`Stats`](crate::Stats).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CloseReason {
@@ -116,16 +116,29 @@ pub enum CloseReason {
     /// The peer reset the connection or went away while we wrote to it.
     PeerReset,
     /// The protocol closed the connection (returned [`Next::Close`] or called
-    /// [`Ctx::close`]).
+    /// [`Ctx::close`]), or a raw [`Handler`](crate::Handler) returned `Ok`.
     Closed,
-    /// The protocol's timeout expired and its [`Protocol::timeout`] callback closed the
-    /// connection.
-    Timeout,
-    /// The peer sent bytes the codec rejects, such as a line over the maximum length or
-    /// invalid UTF-8 in a line protocol. The text is the codec's error.
+    /// No bytes arrived for the server's idle timeout
+    /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
+    IdleTimeout,
+    /// The protocol's own timeout ([`Ctx::set_timeout`]) expired and its
+    /// [`Protocol::timeout`] callback closed the connection.
+    StateTimeout,
+    /// The peer did not take our replies for the send timeout
+    /// ([`Builder::send_timeout`](crate::Builder::send_timeout)): it stopped reading.
+    SendTimeout,
+    /// More replies were waiting to be written than the output limit
+    /// ([`Builder::max_output`](crate::Builder::max_output)) allows: the peer sends
+    /// requests faster than it reads the answers.
+    OutputOverflow,
+    /// The peer sent bytes the codec rejects, such as a frame over the codec's maximum
+    /// length or invalid UTF-8 in a line protocol. The text is the codec's error.
     BadFrame(String),
     /// A reply could not be encoded. The text is the codec's error.
     BadReply(String),
+    /// The protocol or handler panicked; the text is the panic's message. Only this
+    /// connection ends.
+    Panic(String),
     /// The server's drain timeout ended while the connection was still open.
     Shutdown,
     /// Another I/O error on the socket.
@@ -152,9 +165,15 @@ impl fmt::Display for CloseReason {
             CloseReason::PeerClosed => f.write_str("peer closed"),
             CloseReason::PeerReset => f.write_str("peer reset"),
             CloseReason::Closed => f.write_str("closed by protocol"),
-            CloseReason::Timeout => f.write_str("timeout"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::StateTimeout => f.write_str("state timeout"),
+            CloseReason::SendTimeout => f.write_str("send timeout: the peer stopped reading"),
+            CloseReason::OutputOverflow => {
+                f.write_str("output overflow: replies piled up past the limit")
+            }
             CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
             CloseReason::BadReply(e) => write!(f, "bad reply: {e}"),
+            CloseReason::Panic(e) => write!(f, "panic: {e}"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
         }
@@ -310,7 +329,7 @@ impl<P: Protocol> Session<P> {
 
     /// The armed timeout expired.
     pub(crate) fn timeout(&mut self) {
-        self.call(|p, ctx| p.timeout(ctx), CloseReason::Timeout);
+        self.call(|p, ctx| p.timeout(ctx), CloseReason::StateTimeout);
     }
 
     /// The server asks the connection to finish.

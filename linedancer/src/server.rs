@@ -4,16 +4,16 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::connections::Connections;
+use crate::connections::{Connections, Limits};
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::handler::Handler;
-use crate::listener;
+use crate::listener::{self, Gate};
 use crate::protocol::Protocol;
+use crate::stats::Stats;
 
 /// The default port, the original's.
 pub const DEFAULT_PORT: u16 = 7000;
@@ -23,6 +23,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// The default time a graceful shutdown waits for connections to finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default time a peer may take none of a pending reply before its connection is
+/// closed.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default limit on replies waiting to be written to one connection, in bytes.
+pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 
 /// The default length of the queue of connections the kernel completes before we
 /// accept them.
@@ -59,6 +66,11 @@ impl Server {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 threading: Threading::Shared,
+                limits: Limits {
+                    idle_timeout: None,
+                    send_timeout: DEFAULT_SEND_TIMEOUT,
+                    max_output: DEFAULT_MAX_OUTPUT,
+                },
             },
             handler: (),
         }
@@ -100,6 +112,7 @@ struct Settings {
     max_connections: usize,
     drain_timeout: Duration,
     threading: Threading,
+    limits: Limits,
 }
 
 impl Settings {
@@ -115,6 +128,15 @@ impl Settings {
         }
         if self.backlog == 0 {
             return Err(refuse("backlog", "0".into(), "must be at least 1"));
+        }
+        if self.limits.idle_timeout == Some(Duration::ZERO) {
+            return Err(refuse("idle_timeout", "0s".into(), "must be above zero"));
+        }
+        if self.limits.send_timeout.is_zero() {
+            return Err(refuse("send_timeout", "0s".into(), "must be above zero"));
+        }
+        if self.limits.max_output == 0 {
+            return Err(refuse("max_output", "0".into(), "must be at least 1"));
         }
         if self.threading == Threading::PerCore(0) {
             return Err(refuse(
@@ -151,7 +173,8 @@ impl<H> Builder<H> {
 
     /// The most connections served at once; at the limit the server stops accepting
     /// until one closes, and new peers wait in the backlog. Default
-    /// [`DEFAULT_MAX_CONNECTIONS`]; must be at least 1.
+    /// [`DEFAULT_MAX_CONNECTIONS`]; must be at least 1. Change it while running with
+    /// [`ServerHandle::set_max_connections`].
     pub fn max_connections(mut self, max: usize) -> Self {
         self.settings.max_connections = max;
         self
@@ -161,6 +184,33 @@ impl<H> Builder<H> {
     /// closes them. Default [`DEFAULT_DRAIN_TIMEOUT`].
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.settings.drain_timeout = timeout;
+        self
+    }
+
+    /// Closes a connection when no bytes arrive from its peer for `timeout`
+    /// ([`CloseReason::IdleTimeout`](crate::CloseReason::IdleTimeout)). Time spent
+    /// waiting for the peer to take our replies does not count. Default: no idle
+    /// timeout. Must be above zero.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.limits.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Closes a connection when its peer takes none of a pending reply for `timeout`
+    /// ([`CloseReason::SendTimeout`](crate::CloseReason::SendTimeout)): a peer that
+    /// stops reading. Default [`DEFAULT_SEND_TIMEOUT`]; must be above zero.
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.limits.send_timeout = timeout;
+        self
+    }
+
+    /// Closes a connection when more than `bytes` of replies wait to be written
+    /// ([`CloseReason::OutputOverflow`](crate::CloseReason::OutputOverflow)). The
+    /// driver reads no more requests while replies wait, so this bounds what the
+    /// replies to one read (and, later, messages) may pile up; raise it for protocols
+    /// with large replies. Default [`DEFAULT_MAX_OUTPUT`]; must be at least 1.
+    pub fn max_output(mut self, bytes: usize) -> Self {
+        self.settings.limits.max_output = bytes;
         self
     }
 
@@ -213,9 +263,9 @@ impl<H: Handler> Builder<H> {
         settings.check()?;
         let addr = SocketAddr::new(settings.ip, settings.port);
         let bind_error = |source| Error::Bind { addr, source };
-        let connections = Connections::new(settings.max_connections);
+        let connections = Connections::new(settings.max_connections, settings.limits);
         let handler = Arc::new(self.handler);
-        let stop = CancellationToken::new();
+        let gate = Arc::new(Gate::default());
         let acceptors = TaskTracker::new();
         let local_addr = match settings.threading {
             Threading::Shared => {
@@ -226,7 +276,7 @@ impl<H: Handler> Builder<H> {
                     tcp,
                     Arc::clone(&connections),
                     handler,
-                    stop.clone(),
+                    Arc::clone(&gate),
                 ));
                 local_addr
             }
@@ -237,13 +287,13 @@ impl<H: Handler> Builder<H> {
                     settings.backlog,
                     &connections,
                     &handler,
-                    &stop,
+                    &gate,
                     &acceptors,
                 )
                 .await;
                 if started.is_err() {
                     // Threads already running see this and end.
-                    stop.cancel();
+                    gate.stop();
                 }
                 started?
             }
@@ -253,7 +303,7 @@ impl<H: Handler> Builder<H> {
             inner: Arc::new(Inner {
                 local_addr,
                 connections,
-                stop,
+                gate,
                 acceptors,
                 drain_timeout: settings.drain_timeout,
             }),
@@ -270,7 +320,7 @@ async fn start_per_core<H: Handler>(
     backlog: u32,
     connections: &Arc<Connections>,
     handler: &Arc<H>,
-    stop: &CancellationToken,
+    gate: &Arc<Gate>,
     acceptors: &TaskTracker,
 ) -> Result<SocketAddr, Error> {
     // The first socket settles the port (0 picks one); the others join it.
@@ -290,7 +340,7 @@ async fn start_per_core<H: Handler>(
     for (index, socket) in sockets.into_iter().enumerate() {
         let (ready, started) = tokio::sync::oneshot::channel();
         let (connections, handler) = (Arc::clone(connections), Arc::clone(handler));
-        let (stop, acceptors) = (stop.clone(), acceptors.clone());
+        let (gate, acceptors) = (Arc::clone(gate), acceptors.clone());
         let thread = move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -310,10 +360,10 @@ async fn start_per_core<H: Handler>(
                     tcp,
                     Arc::clone(&connections),
                     handler,
-                    stop.clone(),
+                    Arc::clone(&gate),
                 ));
                 let _ = ready.send(Ok(()));
-                stop.cancelled().await;
+                gate.stopped().await;
                 connections.wait_all().await;
             });
         };
@@ -345,8 +395,8 @@ pub struct ServerHandle {
 struct Inner {
     local_addr: SocketAddr,
     connections: Arc<Connections>,
-    /// Cancelled to stop the acceptors and close the listening sockets.
-    stop: CancellationToken,
+    /// Suspends, resumes and stops the acceptors.
+    gate: Arc<Gate>,
     /// The accept loops, awaited so that the listening sockets are closed before the
     /// connections are drained.
     acceptors: TaskTracker,
@@ -384,6 +434,62 @@ impl ServerHandle {
         self.inner.connections.wait_count(ready).await
     }
 
+    /// The server's counters: connections accepted, open and closed by reason, accept
+    /// errors, bytes in and out.
+    pub fn stats(&self) -> Stats {
+        self.inner.connections.stats()
+    }
+
+    /// The connection limit.
+    pub fn max_connections(&self) -> usize {
+        self.inner.connections.max()
+    }
+
+    /// Changes the connection limit while running. Raised, accepting resumes at once
+    /// if it was held at the old limit. Lowered below the connections open, none is
+    /// closed: no more are accepted until enough have ended.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for 0, naming the value; the limit is unchanged.
+    pub fn set_max_connections(&self, max: usize) -> Result<(), Error> {
+        if max == 0 {
+            return Err(Error::Config {
+                setting: "max_connections",
+                value: "0".into(),
+                reason: "must be at least 1",
+            });
+        }
+        self.inner.connections.set_max(max);
+        info!(max_connections = max, "connection limit changed");
+        Ok(())
+    }
+
+    /// Stops accepting for now; established connections go on being served.
+    ///
+    /// The listening sockets stay open, so the port stays ours: a client that connects
+    /// meanwhile completes the TCP handshake with the kernel and waits, unserved, in the
+    /// backlog until [`resume`](ServerHandle::resume) (beyond the backlog, the kernel
+    /// ignores its SYNs and the client retries until its own connect timeout).
+    pub fn suspend(&self) {
+        if self.inner.gate.suspend() {
+            info!(local_addr = %self.inner.local_addr, "accepting suspended");
+        }
+    }
+
+    /// Accepts again after [`suspend`](ServerHandle::suspend); the clients waiting in
+    /// the backlog are served first.
+    pub fn resume(&self) {
+        if self.inner.gate.resume() {
+            info!(local_addr = %self.inner.local_addr, "accepting resumed");
+        }
+    }
+
+    /// Whether accepting is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.inner.gate.is_suspended()
+    }
+
     /// Shuts down gracefully with the builder's drain timeout; see
     /// [`shutdown_with_timeout`](ServerHandle::shutdown_with_timeout).
     pub async fn shutdown(&self) -> ShutdownReport {
@@ -398,7 +504,7 @@ impl ServerHandle {
     /// Calling it again, or from a clone, waits again and reports what is left.
     pub async fn shutdown_with_timeout(&self, timeout: Duration) -> ShutdownReport {
         let inner = &self.inner;
-        inner.stop.cancel();
+        inner.gate.stop();
         inner.acceptors.close();
         inner.acceptors.wait().await;
         let open = inner.connections.count();

@@ -164,7 +164,7 @@ fn timeouts_fire_in_virtual_time() {
     conn.advance(Duration::from_millis(1));
     assert_eq!(conn.take_text(), "your name?\n");
     conn.advance(Duration::from_secs(60));
-    assert_eq!(conn.close_reason(), Some(&CloseReason::Timeout));
+    assert_eq!(conn.close_reason(), Some(&CloseReason::StateTimeout));
 
     let mut conn = Harness::<Patient>::connect();
     conn.advance(Duration::from_secs(3));

@@ -14,6 +14,7 @@
 //! ```
 
 use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
 
 use crate::codec::Lines;
 use crate::protocol::{Ctx, Next, Protocol};
@@ -30,6 +31,11 @@ pub const WELCOME: [&str; 5] = [
 /// Failed logins after which the server says so and closes the connection.
 pub const MAX_FAILED_LOGINS: u32 = 3;
 
+/// How long a client has, from connecting, to log in before the server closes the
+/// connection: a client that goes silent or trickles bytes cannot hold a connection in
+/// the login state for ever.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The handshake protocol's states.
 ///
 /// On connect the server greets with [`WELCOME`] and a challenge, `auth-req:<key>`, with
@@ -39,7 +45,8 @@ pub const MAX_FAILED_LOGINS: u32 = 3;
 ///   `client[<key>] -> <line>`;
 /// - a wrong key: `authentication failed, try again` and a new challenge; after
 ///   [`MAX_FAILED_LOGINS`] failures the server says so and closes;
-/// - any other line before login: a new challenge.
+/// - any other line before login: a new challenge;
+/// - no successful login within [`LOGIN_TIMEOUT`]: the server says so and closes.
 ///
 /// On server shutdown it says goodbye and closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +82,7 @@ impl Protocol for Handshake {
         for line in WELCOME {
             ctx.send(line.to_owned());
         }
+        ctx.set_timeout(LOGIN_TIMEOUT);
         Handshake::challenge(0, ctx)
     }
 
@@ -83,6 +91,7 @@ impl Protocol for Handshake {
             Handshake::AwaitingLogin { key, failures } => match line.strip_prefix("login:") {
                 Some(given) if given.trim().parse() == Ok(key) => {
                     ctx.send(format!("authenticated as {key}"));
+                    ctx.clear_timeout();
                     *self = Handshake::Authenticated { key };
                 }
                 Some(_) if failures + 1 >= MAX_FAILED_LOGINS => {
@@ -100,6 +109,11 @@ impl Protocol for Handshake {
             Handshake::Authenticated { key } => ctx.send(format!("client[{key}] -> {line}")),
         }
         Next::Continue
+    }
+
+    fn timeout(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send("login timed out, closing the connection".to_owned());
+        Next::Close
     }
 
     fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {

@@ -10,5 +10,5 @@ mod handshake;
 mod line_echo;
 
 pub use echo::Echo;
-pub use handshake::{Handshake, MAX_FAILED_LOGINS, WELCOME};
+pub use handshake::{Handshake, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME};
 pub use line_echo::LineEcho;

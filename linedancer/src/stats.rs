@@ -1,0 +1,246 @@
+//! What a server has done so far: connections accepted and closed (by reason), accept
+//! errors, bytes in and out. Read with [`ServerHandle::stats`](crate::ServerHandle::stats).
+//!
+//! The hot path pays little for them: a connection's byte counts are plain stores into
+//! its own counters, folded into the server's totals when it closes, and the other
+//! counters change once per connection or per accept error.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::protocol::CloseReason;
+
+/// A snapshot of a server's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections accepted since the server started.
+    pub accepted: u64,
+    /// Connections open now.
+    pub active: usize,
+    /// The most connections that were open at once.
+    pub peak_active: usize,
+    /// Failed `accept()` calls, of every kind.
+    pub accept_errors: u64,
+    /// Bytes read from peers, by the protocol driver (a raw [`Handler`](crate::Handler)
+    /// owns its socket, and its bytes are not counted).
+    pub bytes_in: u64,
+    /// Bytes written to peers, by the protocol driver.
+    pub bytes_out: u64,
+    /// Connections closed, by reason.
+    pub closed: ClosedCounts,
+}
+
+/// Closed connections by [`CloseReason`]; see there for what each means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClosedCounts {
+    /// [`CloseReason::PeerClosed`].
+    pub peer_closed: u64,
+    /// [`CloseReason::PeerReset`].
+    pub peer_reset: u64,
+    /// [`CloseReason::Closed`].
+    pub closed: u64,
+    /// [`CloseReason::IdleTimeout`].
+    pub idle_timeout: u64,
+    /// [`CloseReason::StateTimeout`].
+    pub state_timeout: u64,
+    /// [`CloseReason::SendTimeout`].
+    pub send_timeout: u64,
+    /// [`CloseReason::OutputOverflow`].
+    pub output_overflow: u64,
+    /// [`CloseReason::BadFrame`].
+    pub bad_frame: u64,
+    /// [`CloseReason::BadReply`].
+    pub bad_reply: u64,
+    /// [`CloseReason::Panic`].
+    pub panic: u64,
+    /// [`CloseReason::Shutdown`].
+    pub shutdown: u64,
+    /// [`CloseReason::Io`].
+    pub io: u64,
+}
+
+impl ClosedCounts {
+    /// Every closed connection, whatever the reason.
+    pub fn total(&self) -> u64 {
+        self.as_array().iter().sum()
+    }
+
+    fn as_array(&self) -> [u64; REASONS] {
+        [
+            self.peer_closed,
+            self.peer_reset,
+            self.closed,
+            self.idle_timeout,
+            self.state_timeout,
+            self.send_timeout,
+            self.output_overflow,
+            self.bad_frame,
+            self.bad_reply,
+            self.panic,
+            self.shutdown,
+            self.io,
+        ]
+    }
+
+    fn from_array(counts: [u64; REASONS]) -> Self {
+        let [peer_closed, peer_reset, closed, idle_timeout, state_timeout, send_timeout, output_overflow, bad_frame, bad_reply, panic, shutdown, io] =
+            counts;
+        ClosedCounts {
+            peer_closed,
+            peer_reset,
+            closed,
+            idle_timeout,
+            state_timeout,
+            send_timeout,
+            output_overflow,
+            bad_frame,
+            bad_reply,
+            panic,
+            shutdown,
+            io,
+        }
+    }
+}
+
+/// The number of close reasons counted apart.
+const REASONS: usize = 12;
+
+/// Where a close reason is counted, in the order of [`ClosedCounts::as_array`].
+fn slot(reason: &CloseReason) -> usize {
+    match reason {
+        CloseReason::PeerClosed => 0,
+        CloseReason::PeerReset => 1,
+        CloseReason::Closed => 2,
+        CloseReason::IdleTimeout => 3,
+        CloseReason::StateTimeout => 4,
+        CloseReason::SendTimeout => 5,
+        CloseReason::OutputOverflow => 6,
+        CloseReason::BadFrame(_) => 7,
+        CloseReason::BadReply(_) => 8,
+        CloseReason::Panic(_) => 9,
+        CloseReason::Shutdown => 10,
+        CloseReason::Io(_) => 11,
+    }
+}
+
+/// The server-wide counters behind [`Stats`]. The accepted and active counts live with
+/// the connection set, which knows them anyway.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    accept_errors: AtomicU64,
+    /// Bytes of connections that have closed; live ones are added when read.
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    closed: [AtomicU64; REASONS],
+}
+
+impl Counters {
+    pub(crate) fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection that closed for `reason` after moving the given bytes.
+    pub(crate) fn closed(&self, reason: &CloseReason, bytes: Bytes) {
+        self.closed[slot(reason)].fetch_add(1, Ordering::Relaxed);
+        if bytes.read > 0 {
+            self.bytes_in.fetch_add(bytes.read, Ordering::Relaxed);
+        }
+        if bytes.written > 0 {
+            self.bytes_out.fetch_add(bytes.written, Ordering::Relaxed);
+        }
+    }
+
+    /// The snapshot, given the counts kept elsewhere and the bytes of the live
+    /// connections.
+    pub(crate) fn snapshot(
+        &self,
+        accepted: u64,
+        active: usize,
+        peak_active: usize,
+        live: Bytes,
+    ) -> Stats {
+        Stats {
+            accepted,
+            active,
+            peak_active,
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed) + live.read,
+            bytes_out: self.bytes_out.load(Ordering::Relaxed) + live.written,
+            closed: ClosedCounts::from_array(
+                self.closed
+                    .each_ref()
+                    .map(|count| count.load(Ordering::Relaxed)),
+            ),
+        }
+    }
+}
+
+/// Bytes read from and written to a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Bytes {
+    pub(crate) read: u64,
+    pub(crate) written: u64,
+}
+
+impl std::ops::AddAssign for Bytes {
+    fn add_assign(&mut self, other: Bytes) {
+        self.read += other.read;
+        self.written += other.written;
+    }
+}
+
+/// One connection's byte counts, written only by its own task (a plain store, no
+/// read-modify-write) and read by whoever asks for stats.
+#[derive(Debug, Default)]
+pub(crate) struct ByteCounts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl ByteCounts {
+    pub(crate) fn set(&self, totals: Bytes) {
+        self.read.store(totals.read, Ordering::Relaxed);
+        self.written.store(totals.written, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> Bytes {
+        Bytes {
+            read: self.read.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_count() {
+        let reasons = [
+            CloseReason::PeerClosed,
+            CloseReason::PeerReset,
+            CloseReason::Closed,
+            CloseReason::IdleTimeout,
+            CloseReason::StateTimeout,
+            CloseReason::SendTimeout,
+            CloseReason::OutputOverflow,
+            CloseReason::BadFrame(String::new()),
+            CloseReason::BadReply(String::new()),
+            CloseReason::Panic(String::new()),
+            CloseReason::Shutdown,
+            CloseReason::Io(String::new()),
+        ];
+        let counters = Counters::default();
+        for (i, reason) in reasons.iter().enumerate() {
+            for _ in 0..=i {
+                counters.closed(reason, Bytes::default());
+            }
+        }
+        let closed = counters.snapshot(0, 0, 0, Bytes::default()).closed;
+        let expected: Vec<u64> = (1..=REASONS as u64).collect();
+        assert_eq!(closed.as_array().to_vec(), expected);
+        assert_eq!(closed.total(), expected.iter().sum::<u64>());
+    }
+}
