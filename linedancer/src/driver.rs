@@ -73,14 +73,19 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
         peer_addr: conn.peer_addr(),
         local_addr: conn.local_addr(),
     };
-    let mut session = Session::<P>::connect(codec, peer);
+    let mut session = Session::<P>::connect(codec, peer, limits.max_output);
     let mut state = session.state_name();
     span.record("state", display(state));
 
     let mut bytes = Bytes::default();
     let mut draining = false;
+    // The protocol's timer.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let mut armed = false;
+    // Runs while replies wait for a peer that is slow to take them; pushed back
+    // whenever it takes some.
+    let mut send_timer: Option<Pin<Box<Sleep>>> = None;
+    let mut sending = false;
     // The idle timer is pushed back lazily: a read only notes the time, and the timer,
     // when it fires early, sleeps again until the real deadline.
     let mut idle = limits
@@ -89,43 +94,52 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
 
     let fallback = loop {
         if !session.output.is_empty() {
-            // Most replies fit in the socket buffer: write them at once, and wait (for
-            // the peer to read, or the drain to end) only for what is left.
-            match stream.try_write(&session.output) {
+            // Most replies fit in the socket buffer: write them at once, and wait for
+            // the peer only when some are left.
+            let written = match stream.try_write(&session.output) {
                 // Cleared, not advanced, when all went: the buffer keeps its full room.
                 Ok(n) if n == session.output.len() => {
                     session.output.clear();
-                    bytes.written += n as u64;
+                    n
                 }
                 Ok(n) => {
                     session.output.advance(n);
-                    bytes.written += n as u64;
+                    n
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => break CloseReason::from_io(&e),
+            };
+            bytes.written += written as u64;
+            conn.record_bytes(bytes);
+            if !session.output.is_empty() && (!sending || written > 0) {
+                let deadline = Instant::now() + limits.send_timeout;
+                match &mut send_timer {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => send_timer = Some(Box::pin(sleep_until(deadline))),
+                }
+                sending = true;
             }
-            if !session.output.is_empty() {
-                if session.output.len() > limits.max_output {
-                    break CloseReason::OutputOverflow;
-                }
-                conn.record_bytes(bytes);
-                if let Err(reason) =
-                    flush(&mut stream, &mut session.output, &mut bytes, &conn).await
-                {
-                    break reason;
-                }
+        }
+        let pending = !session.output.is_empty();
+        if !pending {
+            if sending {
+                sending = false;
                 if let Some((_, last_input)) = &mut idle {
                     // Waiting for the peer to read is not idleness.
                     *last_input = Instant::now();
                 }
             }
-            conn.record_bytes(bytes);
+            if session.is_paused() {
+                // The replies that paused decoding have gone: decode the rest.
+                session.decode(false);
+                continue;
+            }
         }
         if session.state_name() != state {
             state = session.state_name();
             span.record("state", display(state));
         }
-        if session.closing().is_some() {
+        if !pending && session.closing().is_some() {
             if session.closing() != Some(&CloseReason::PeerClosed) {
                 linger(&mut stream, &mut session.input, &conn).await;
             }
@@ -150,9 +164,17 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                 Shutdown::Drain => {
                     draining = true;
                     session.shutdown();
+                    if overflowed(pending, &session.output, limits.max_output) {
+                        break CloseReason::OutputOverflow;
+                    }
                 }
             },
-            read = poll_fn(|cx| {
+            // While replies wait, nothing more is read: a peer that sends without
+            // reading is held back, and meets the send timeout if it never reads.
+            io = poll_fn(|cx| {
+                if pending {
+                    return stream.poll_write_ready(cx).map(Io::Writable);
+                }
                 // A waiting connection holds no buffer: the buffers taken for a read
                 // that would block go back to the pool at once.
                 buffers::fill([&mut session.input, &mut session.output]);
@@ -160,9 +182,11 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                 if read.is_pending() {
                     buffers::recycle([&mut session.input, &mut session.output]);
                 }
-                read
-            }) => match read {
-                Ok(n) => {
+                read.map(Io::Read)
+            }) => match io {
+                // Written at the top of the loop.
+                Io::Writable(Ok(())) => {}
+                Io::Read(Ok(n)) => {
                     if n > 0 {
                         bytes.read += n as u64;
                         conn.record_bytes(bytes);
@@ -172,13 +196,19 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                     }
                     session.decode(n == 0);
                 }
-                Err(e) => break CloseReason::from_io(&e),
+                Io::Writable(Err(e)) | Io::Read(Err(e)) => break CloseReason::from_io(&e),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
                 armed = false;
                 session.timeout();
+                if overflowed(pending, &session.output, limits.max_output) {
+                    break CloseReason::OutputOverflow;
+                }
             }
-            () = async { idle.as_mut().expect("checked").0.as_mut().await }, if idle.is_some() => {
+            () = async { send_timer.as_mut().expect("sending implies a timer").await }, if sending => {
+                break CloseReason::SendTimeout;
+            }
+            () = async { idle.as_mut().expect("checked").0.as_mut().await }, if !pending && idle.is_some() => {
                 let (sleep, last_input) = idle.as_mut().expect("checked");
                 let deadline = *last_input + limits.idle_timeout.expect("idle implies a timeout");
                 if deadline <= Instant::now() {
@@ -196,33 +226,18 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     conn.record_close(session.finish(fallback));
 }
 
-/// Writes the rest of `output` to a peer that is slow to take it, giving up when it
-/// takes nothing for the send timeout or when the server's drain timeout ends.
-async fn flush(
-    stream: &mut TcpStream,
-    output: &mut BytesMut,
-    bytes: &mut Bytes,
-    conn: &Connection,
-) -> Result<(), CloseReason> {
-    let send_timeout = conn.limits().send_timeout;
-    while !output.is_empty() {
-        let written = tokio::select! {
-            biased;
-            _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => return Err(CloseReason::Shutdown),
-            written = tokio::time::timeout(send_timeout, stream.write(output)) => written,
-        };
-        match written {
-            Err(_elapsed) => return Err(CloseReason::SendTimeout),
-            Ok(Ok(0)) => return Err(CloseReason::PeerReset),
-            Ok(Ok(n)) => {
-                output.advance(n);
-                bytes.written += n as u64;
-            }
-            Ok(Err(e)) => return Err(CloseReason::from_io(&e)),
-        }
-    }
-    output.clear();
-    Ok(())
+/// What the socket is ready for: replies wait to be written, or none do and it was
+/// read.
+enum Io {
+    Writable(io::Result<()>),
+    Read(io::Result<usize>),
+}
+
+/// Whether replies the protocol queued on its own (from a timeout or the shutdown
+/// event) while earlier ones were still waiting for the peer have piled up past the
+/// output limit. Replies to the peer's own requests never count: reading stops instead.
+fn overflowed(was_pending: bool, output: &BytesMut, max_output: usize) -> bool {
+    was_pending && output.len() > max_output
 }
 
 /// A per-thread pool of I/O buffers. A connection takes a buffer when bytes arrive

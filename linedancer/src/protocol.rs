@@ -266,11 +266,18 @@ pub(crate) struct Session<P: Protocol> {
     pub(crate) output: BytesMut,
     timer: Option<Timer>,
     close: Option<CloseReason>,
+    /// Decoding stops while more than this many bytes of replies wait.
+    max_output: usize,
+    /// Decoding stopped with frames possibly left in `input`, because replies piled up.
+    paused: bool,
+    /// The peer has finished sending.
+    eof: bool,
 }
 
 impl<P: Protocol> Session<P> {
-    /// Starts a session: calls [`Protocol::connect`].
-    pub(crate) fn connect(mut codec: P::Codec, peer: Peer) -> Self {
+    /// Starts a session: calls [`Protocol::connect`]. Decoding pauses while more than
+    /// `max_output` bytes of replies wait to be written.
+    pub(crate) fn connect(mut codec: P::Codec, peer: Peer, max_output: usize) -> Self {
         let mut output = BytesMut::new();
         let mut timer = None;
         let mut close = None;
@@ -289,6 +296,9 @@ impl<P: Protocol> Session<P> {
             output,
             timer,
             close,
+            max_output,
+            paused: false,
+            eof: false,
         }
     }
 
@@ -309,9 +319,20 @@ impl<P: Protocol> Session<P> {
     /// Decodes every complete frame in `input` and hands each to the protocol, stopping
     /// early if the connection is closing. With `eof`, the peer has finished sending:
     /// what remains is decoded with [`Decoder::decode_eof`] and the session closes.
+    ///
+    /// Once more than the output limit waits to be written, decoding pauses (see
+    /// [`is_paused`](Session::is_paused)): the rest is decoded by calling this again
+    /// once the output has gone, so that a batch of requests cannot pile up replies
+    /// without bound.
     pub(crate) fn decode(&mut self, eof: bool) {
+        self.eof |= eof;
+        self.paused = false;
         while self.close.is_none() {
-            let decoded = if eof {
+            if self.output.len() > self.max_output {
+                self.paused = true;
+                return;
+            }
+            let decoded = if self.eof {
                 self.codec.decode_eof(&mut self.input)
             } else {
                 self.codec.decode(&mut self.input)
@@ -322,9 +343,14 @@ impl<P: Protocol> Session<P> {
                 Err(e) => self.close = Some(CloseReason::BadFrame(e.to_string())),
             }
         }
-        if eof {
+        if self.eof {
             self.close.get_or_insert(CloseReason::PeerClosed);
         }
+    }
+
+    /// Whether decoding paused for the output limit, with input left to decode.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// The armed timeout expired.

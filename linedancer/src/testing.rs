@@ -59,7 +59,7 @@ impl<P: Protocol> Harness<P> {
             local_addr: LOCAL_ADDR,
         };
         let mut harness = Harness {
-            session: Some(Session::connect(codec, peer)),
+            session: Some(Session::connect(codec, peer, crate::DEFAULT_MAX_OUTPUT)),
             output: Vec::new(),
             closed: None,
             now: Duration::ZERO,
@@ -114,22 +114,14 @@ impl<P: Protocol> Harness<P> {
 
     /// Takes every byte the protocol has written since the last call.
     pub fn take_output(&mut self) -> Bytes {
-        if let Some(session) = &mut self.session {
-            self.output.extend_from_slice(&session.output);
-            session.output.clear();
-        }
         Bytes::from(std::mem::take(&mut self.output))
     }
 
     /// Discards what the protocol has written since the last call, and says how many
     /// bytes that was: for tests and benchmarks that look only at state.
     pub fn clear_output(&mut self) -> usize {
-        let mut cleared = self.output.len();
+        let cleared = self.output.len();
         self.output.clear();
-        if let Some(session) = &mut self.session {
-            cleared += session.output.len();
-            session.output.clear();
-        }
         cleared
     }
 
@@ -164,12 +156,21 @@ impl<P: Protocol> Harness<P> {
         self.deadline.map(|d| d - self.now)
     }
 
-    /// Applies what the last callback asked for: a timer change, and a close (after
-    /// which the output written so far stays readable).
+    /// Applies what the last callback asked for: its output goes to the peer, which
+    /// takes it at once (so decoding paused for the output limit goes on), a timer
+    /// changes, the connection closes (after which the output written so far stays
+    /// readable).
     fn settle(&mut self) {
         let Some(session) = &mut self.session else {
             return;
         };
+        self.output.extend_from_slice(&session.output);
+        session.output.clear();
+        while session.is_paused() {
+            session.decode(false);
+            self.output.extend_from_slice(&session.output);
+            session.output.clear();
+        }
         match session.take_timer() {
             Some(Timer::Arm(after)) => self.deadline = Some(self.now + after),
             Some(Timer::Clear) => self.deadline = None,
@@ -177,7 +178,6 @@ impl<P: Protocol> Harness<P> {
         }
         if session.closing().is_some() {
             if let Some(session) = self.session.take() {
-                self.output.extend_from_slice(&session.output);
                 self.closed = Some(session.finish(CloseReason::Closed));
                 self.deadline = None;
             }
