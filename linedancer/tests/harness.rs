@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use linedancer::codec::Lines;
-use linedancer::examples::{Handshake, WELCOME};
+use linedancer::examples::{Handshake, LOGIN_TIMEOUT, WELCOME};
 use linedancer::testing::Harness;
 use linedancer::{CloseReason, Ctx, Next, Protocol};
 
@@ -40,6 +40,32 @@ fn login_then_lines() {
         conn.take_text(),
         format!("client[{key}] -> one\nclient[{key}] -> two\n")
     );
+}
+
+/// Ensure a client that does not log in within the login timeout is told so and
+/// closed, and that logging in disarms the timeout.
+#[test]
+fn login_timeout() {
+    let (mut conn, _) = greeted();
+    assert_eq!(conn.timeout_in(), Some(LOGIN_TIMEOUT));
+    // Wrong answers do not buy more time.
+    conn.advance(LOGIN_TIMEOUT / 2);
+    conn.feed("login:0\n");
+    conn.advance(LOGIN_TIMEOUT / 2 - Duration::from_millis(1));
+    assert!(!conn.is_closed());
+    conn.take_text();
+    conn.advance(Duration::from_millis(1));
+    assert_eq!(
+        conn.take_text(),
+        "login timed out, closing the connection\n"
+    );
+    assert_eq!(conn.close_reason(), Some(&CloseReason::StateTimeout));
+
+    let (mut conn, key) = greeted();
+    conn.feed(format!("login:{key}\n"));
+    assert_eq!(conn.timeout_in(), None);
+    conn.advance(LOGIN_TIMEOUT * 10);
+    assert!(!conn.is_closed());
 }
 
 /// Ensure input split at every byte gives the same result as one piece.
