@@ -92,7 +92,8 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
         .idle_timeout
         .map(|after| (Box::pin(sleep(after)), Instant::now()));
 
-    let fallback = loop {
+    // Why the connection was cut short; `None` when it closed as the session says.
+    let cut = loop {
         if !session.output.is_empty() {
             // Most replies fit in the socket buffer: write them at once, and wait for
             // the peer only when some are left.
@@ -107,7 +108,7 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                     n
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => break CloseReason::from_io(&e),
+                Err(e) => break Some(CloseReason::from_io(&e)),
             };
             bytes.written += written as u64;
             conn.record_bytes(bytes);
@@ -143,7 +144,7 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
             if session.closing() != Some(&CloseReason::PeerClosed) {
                 linger(&mut stream, &mut session.input, &conn).await;
             }
-            break CloseReason::Closed;
+            break None;
         }
         match session.take_timer() {
             Some(Timer::Arm(after)) => {
@@ -160,12 +161,12 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
         tokio::select! {
             biased;
             shutdown = poll_fn(|cx| conn.poll_shutdown(cx, !draining)) => match shutdown {
-                Shutdown::Abort => break CloseReason::Shutdown,
+                Shutdown::Abort => break Some(CloseReason::Shutdown),
                 Shutdown::Drain => {
                     draining = true;
                     session.shutdown();
                     if overflowed(pending, &session.output, limits.max_output) {
-                        break CloseReason::OutputOverflow;
+                        break Some(CloseReason::OutputOverflow);
                     }
                 }
             },
@@ -196,23 +197,23 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
                     }
                     session.decode(n == 0);
                 }
-                Io::Writable(Err(e)) | Io::Read(Err(e)) => break CloseReason::from_io(&e),
+                Io::Writable(Err(e)) | Io::Read(Err(e)) => break Some(CloseReason::from_io(&e)),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
                 armed = false;
                 session.timeout();
                 if overflowed(pending, &session.output, limits.max_output) {
-                    break CloseReason::OutputOverflow;
+                    break Some(CloseReason::OutputOverflow);
                 }
             }
             () = async { send_timer.as_mut().expect("sending implies a timer").await }, if sending => {
-                break CloseReason::SendTimeout;
+                break Some(CloseReason::SendTimeout);
             }
             () = async { idle.as_mut().expect("checked").0.as_mut().await }, if !pending && idle.is_some() => {
                 let (sleep, last_input) = idle.as_mut().expect("checked");
                 let deadline = *last_input + limits.idle_timeout.expect("idle implies a timeout");
                 if deadline <= Instant::now() {
-                    break CloseReason::IdleTimeout;
+                    break Some(CloseReason::IdleTimeout);
                 }
                 sleep.as_mut().reset(deadline);
             }
@@ -223,7 +224,7 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     session.input.clear();
     session.output.clear();
     buffers::recycle([&mut session.input, &mut session.output]);
-    conn.record_close(session.finish(fallback));
+    conn.record_close(session.finish(cut));
 }
 
 /// What the socket is ready for: replies wait to be written, or none do and it was

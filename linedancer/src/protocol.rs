@@ -363,10 +363,11 @@ impl<P: Protocol> Session<P> {
         self.call(|p, ctx| p.shutdown(ctx), CloseReason::Closed);
     }
 
-    /// Ends the session for `reason` (the protocol's own, if it closed): calls
-    /// [`Protocol::closed`] and returns the reason.
-    pub(crate) fn finish(mut self, reason: CloseReason) -> CloseReason {
-        let reason = self.close.take().unwrap_or(reason);
+    /// Ends the session: calls [`Protocol::closed`] and returns the reason, `cut` if
+    /// the connection was cut short (an error, a timeout, the server), else the one it
+    /// was closing for.
+    pub(crate) fn finish(mut self, cut: Option<CloseReason>) -> CloseReason {
+        let reason = cut.or(self.close.take()).unwrap_or(CloseReason::Closed);
         self.protocol.closed(&reason);
         reason
     }

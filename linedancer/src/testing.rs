@@ -178,7 +178,7 @@ impl<P: Protocol> Harness<P> {
         }
         if session.closing().is_some() {
             if let Some(session) = self.session.take() {
-                self.closed = Some(session.finish(CloseReason::Closed));
+                self.closed = Some(session.finish(None));
                 self.deadline = None;
             }
         }

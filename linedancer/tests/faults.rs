@@ -648,3 +648,48 @@ async fn pipelined_requests_with_large_replies_are_paced_not_closed() {
     })
     .await;
 }
+
+/// Answers every line, even an unfinished last one, with 32 MiB: more than the socket
+/// buffers hold.
+struct Huge;
+
+impl Protocol for Huge {
+    type Codec = Lines;
+    type Reply = String;
+
+    fn connect(_: &mut Ctx<'_, Self>) -> Self {
+        Huge
+    }
+
+    fn frame(&mut self, _: String, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send("h".repeat(32 * 1024 * 1024));
+        Next::Continue
+    }
+}
+
+/// Ensure a client that sends a request, shuts its side and never reads the reply is
+/// closed by the send timeout and counted so, not as a peer that closed after getting
+/// its replies.
+#[tokio::test]
+async fn a_half_closed_client_that_never_reads_meets_the_send_timeout() {
+    bounded(async {
+        let server = builder()
+            .send_timeout(Duration::from_millis(300))
+            .max_output(64 * 1024 * 1024)
+            .protocol::<Huge>()
+            .start()
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
+        // An unfinished line: decoded, and answered, at the end of the stream.
+        client.write_all(b"give me everything").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut first = [0; 1];
+        client.read_exact(&mut first).await.unwrap();
+        server.wait_connections(|n| n == 0).await;
+        let closed = server.stats().closed;
+        assert_eq!((closed.send_timeout, closed.peer_closed), (1, 0));
+        server.shutdown().await;
+    })
+    .await;
+}
