@@ -1,12 +1,13 @@
 //! `linedancer serve`: runs an example protocol until a signal asks it to stop.
 
+use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::examples::{Echo, Handshake, LineEcho};
-use linedancer::{Server, ServerHandle, Threading};
+use linedancer::{ClosedCounts, Server, ServerHandle, ShutdownReport, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -30,6 +31,25 @@ pub struct ServeArgs {
     /// Threads serving connections; default: one per core this process may use.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// The most connections served at once; further peers wait in the listen backlog
+    /// until one closes.
+    #[arg(long, default_value_t = linedancer::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    max_connections: usize,
+    /// Close a connection when no bytes arrive from its peer for this long, such as
+    /// 30s or 5m; default: never.
+    #[arg(long, value_name = "D")]
+    idle_timeout: Option<humantime::Duration>,
+    /// On SIGTERM or Ctrl-C, how long to wait for connections to finish before
+    /// closing them, such as 500ms or 10s.
+    #[arg(long, default_value_t = linedancer::DEFAULT_DRAIN_TIMEOUT.into(), value_name = "D")]
+    drain_timeout: humantime::Duration,
+    /// Close a connection whose peer takes none of a pending reply for this long.
+    #[arg(long, default_value_t = linedancer::DEFAULT_SEND_TIMEOUT.into(), value_name = "D")]
+    send_timeout: humantime::Duration,
+    /// Close a connection when more than this many bytes of replies wait to be
+    /// written to it.
+    #[arg(long, default_value_t = linedancer::DEFAULT_MAX_OUTPUT, value_name = "BYTES")]
+    max_output: usize,
 }
 
 /// The threading models of `--threading`.
@@ -91,8 +111,9 @@ pub fn main(args: ServeArgs) -> Result<(), ServeError> {
     runtime.block_on(run(args, threading))
 }
 
-/// Serves until Ctrl-C or SIGTERM, then shuts down gracefully; a second signal closes
-/// the connections still open at once.
+/// Serves until Ctrl-C or SIGTERM, then shuts down gracefully (a second signal closes
+/// the connections still open at once) and logs what the shutdown did and the final
+/// counters.
 async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     let ip = match args.bind.as_str() {
         "localhost" => IpAddr::from([127, 0, 0, 1]),
@@ -101,10 +122,17 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
             .map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
     };
     let mut signals = Signals::new().map_err(ServeError::Signals)?;
-    let builder = Server::builder()
+    let mut builder = Server::builder()
         .bind(ip)
         .port(args.port)
-        .threading(threading);
+        .threading(threading)
+        .max_connections(args.max_connections)
+        .drain_timeout(*args.drain_timeout)
+        .send_timeout(*args.send_timeout)
+        .max_output(args.max_output);
+    if let Some(timeout) = args.idle_timeout {
+        builder = builder.idle_timeout(*timeout);
+    }
     let server = match args.protocol.as_str() {
         "echo" => builder.protocol::<Echo>().start().await?,
         "handshake" => builder.protocol::<Handshake>().start().await?,
@@ -115,17 +143,76 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
 
     signals.next().await;
     info!("shutting down; a second signal closes every connection at once");
-    stop(&server, &mut signals).await;
+    let report = stop(&server, &mut signals).await;
+    info!(
+        drained = report.drained,
+        force_closed = report.force_closed,
+        "shutdown finished"
+    );
+    let stats = server.stats();
+    info!(
+        accepted = stats.accepted,
+        closed = %ClosedSummary(&stats.closed),
+        accept_errors = stats.accept_errors,
+        bytes_in = stats.bytes_in,
+        bytes_out = stats.bytes_out,
+        "final stats"
+    );
     Ok(())
 }
 
 /// Drains the server, cutting the drain short on another signal.
-async fn stop(server: &ServerHandle, signals: &mut Signals) {
+async fn stop(server: &ServerHandle, signals: &mut Signals) -> ShutdownReport {
+    let closed_before = server.stats().closed.total();
     tokio::select! {
-        _report = server.shutdown() => {}
+        report = server.shutdown() => report,
         () = signals.next() => {
-            server.shutdown_with_timeout(Duration::ZERO).await;
+            info!("second signal: closing every connection now");
+            let cut = server.shutdown_with_timeout(Duration::ZERO).await;
+            // The first drain's report went with it: the connections that ended since
+            // the shutdown began, other than those just closed, finished by themselves.
+            let ended = server.stats().closed.total() - closed_before;
+            ShutdownReport {
+                drained: usize::try_from(ended)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(cut.force_closed),
+                force_closed: cut.force_closed,
+            }
         }
+    }
+}
+
+/// Closed connections for the log: the total, then the count of each reason that
+/// occurred, such as `100 (peer_closed 98, idle_timeout 2)`.
+struct ClosedSummary<'a>(&'a ClosedCounts);
+
+impl fmt::Display for ClosedSummary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        let reasons = [
+            ("peer_closed", c.peer_closed),
+            ("peer_reset", c.peer_reset),
+            ("closed", c.closed),
+            ("idle_timeout", c.idle_timeout),
+            ("state_timeout", c.state_timeout),
+            ("send_timeout", c.send_timeout),
+            ("output_overflow", c.output_overflow),
+            ("bad_frame", c.bad_frame),
+            ("bad_reply", c.bad_reply),
+            ("panic", c.panic),
+            ("shutdown", c.shutdown),
+            ("io", c.io),
+        ];
+        write!(f, "{}", c.total())?;
+        let mut separator = " (";
+        for (name, count) in reasons.into_iter().filter(|&(_, count)| count > 0) {
+            write!(f, "{separator}{name} {count}")?;
+            separator = ", ";
+        }
+        if separator == ", " {
+            f.write_str(")")?;
+        }
+        Ok(())
     }
 }
 

@@ -1,69 +1,19 @@
 //! The built `linedancer` binary: serving, signals, and errors a user can make.
 
-use std::process::Stdio;
-use std::time::Duration;
+mod common;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
-/// The most any one test may take.
-const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn linedancer(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_linedancer"));
-    command
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
-/// Starts `linedancer serve` and waits for its `listening on` line; returns the child,
-/// the address, and a task collecting the rest of its stderr.
-async fn serve(args: &[&str]) -> (Child, String, tokio::task::JoinHandle<String>) {
-    let mut child = linedancer(args).spawn().expect("run linedancer");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = stderr
-            .next_line()
-            .await
-            .unwrap()
-            .expect("linedancer ended before it was listening");
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            break addr.to_owned();
-        }
-    };
-    let rest = tokio::spawn(async move {
-        let mut text = String::new();
-        while let Ok(Some(line)) = stderr.next_line().await {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    (child, addr, rest)
-}
-
-/// Runs `linedancer` to completion; returns its exit code and stderr.
-async fn fails(args: &[&str]) -> (i32, String) {
-    let output = linedancer(args).output().await.expect("run linedancer");
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    (
-        output.status.code().expect("an exit code, not a signal"),
-        stderr,
-    )
-}
+use common::{fails, serve, TEST_TIMEOUT};
 
 /// Ensure `serve echo --port 0` reports its real port, echoes, logs the connection, and
 /// exits 0 on SIGTERM.
 #[tokio::test]
 async fn serve_talk_and_stop_with_sigterm() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (mut child, addr, stderr) = serve(&["serve", "echo", "--port", "0"]).await;
+        let mut server = serve(&["serve", "echo", "--port", "0"]).await;
+        let addr = server.addr.clone();
         assert!(
             addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
             "{addr}"
@@ -76,12 +26,10 @@ async fn serve_talk_and_stop_with_sigterm() {
         assert_eq!(&reply, b"G`day\n");
         drop(client);
 
-        let pid = i32::try_from(child.id().unwrap()).unwrap();
-        // SAFETY: kill(2) with a valid signal number has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let status = child.wait().await.unwrap();
+        server.signal(libc::SIGTERM);
+        let status = server.child.wait().await.unwrap();
         assert_eq!(status.code(), Some(0));
-        let log = stderr.await.unwrap();
+        let log = server.log.rest().await;
         assert!(log.contains("connection accepted"), "{log}");
         assert!(log.contains("server stopped"), "{log}");
         assert!(!log.contains("panicked"), "{log}");
@@ -94,9 +42,8 @@ async fn serve_talk_and_stop_with_sigterm() {
 #[tokio::test]
 async fn serve_handshake_greets() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (_child, addr, _) =
-            serve(&["serve", "handshake", "--bind", "127.0.0.1", "--port", "0"]).await;
-        let stream = TcpStream::connect(&addr).await.unwrap();
+        let server = serve(&["serve", "handshake", "--bind", "127.0.0.1", "--port", "0"]).await;
+        let stream = TcpStream::connect(&server.addr).await.unwrap();
         let mut lines = BufReader::new(stream).lines();
         let first = lines.next_line().await.unwrap().unwrap();
         assert_eq!(first, "Welcome to the stateful authentication example.");
@@ -136,4 +83,40 @@ async fn bad_arguments_exit_1() {
         stderr,
         "error: invalid bind address '300.0.0.1': expected an IP address such as 127.0.0.1 or ::1\n"
     );
+}
+
+/// Ensure a bad value of a limit or timeout flag exits 1 at start, before listening,
+/// with an error line naming the value.
+#[tokio::test]
+async fn bad_limit_flags_exit_1() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--idle-timeout", "5 parsecs"],
+            "error: invalid value '5 parsecs' for '--idle-timeout <D>': unknown time unit \"parsecs\"",
+        ),
+        (
+            &["--drain-timeout", "abc"],
+            "error: invalid value 'abc' for '--drain-timeout <D>'",
+        ),
+        (
+            &["--max-connections", "0"],
+            "error: invalid max_connections 0: must be at least 1",
+        ),
+        (
+            &["--idle-timeout", "0s"],
+            "error: invalid idle_timeout 0s: must be above zero",
+        ),
+        (
+            &["--max-output", "0"],
+            "error: invalid max_output 0: must be at least 1",
+        ),
+    ];
+    for (flags, error) in cases {
+        let args = [&["serve", "echo", "--port", "0"], flags].concat();
+        let (code, stderr) = fails(&args).await;
+        assert_eq!(code, 1, "{flags:?}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with(error), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("listening"), "{flags:?}: {stderr}");
+    }
 }

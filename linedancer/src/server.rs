@@ -508,6 +508,11 @@ impl ServerHandle {
         inner.acceptors.close();
         inner.acceptors.wait().await;
         let open = inner.connections.count();
+        info!(
+            local_addr = %inner.local_addr,
+            connections = open,
+            "listener closed, draining"
+        );
         inner.connections.drain_all();
         let force_closed = match tokio::time::timeout(timeout, inner.connections.wait_all()).await {
             Ok(()) => 0,
