@@ -1,13 +1,12 @@
 //! `linedancer serve`: runs an example protocol until a signal asks it to stop.
 
-use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::examples::{Echo, Handshake, LineEcho};
-use linedancer::{ClosedCounts, Server, ServerHandle, ShutdownReport, Threading};
+use linedancer::{Server, ServerHandle, ShutdownReport, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -152,7 +151,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     let stats = server.stats();
     info!(
         accepted = stats.accepted,
-        closed = %ClosedSummary(&stats.closed),
+        closed = %stats.closed,
         accept_errors = stats.accept_errors,
         bytes_in = stats.bytes_in,
         bytes_out = stats.bytes_out,
@@ -179,40 +178,6 @@ async fn stop(server: &ServerHandle, signals: &mut Signals) -> ShutdownReport {
                 force_closed: cut.force_closed,
             }
         }
-    }
-}
-
-/// Closed connections for the log: the total, then the count of each reason that
-/// occurred, such as `100 (peer_closed 98, idle_timeout 2)`.
-struct ClosedSummary<'a>(&'a ClosedCounts);
-
-impl fmt::Display for ClosedSummary<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = self.0;
-        let reasons = [
-            ("peer_closed", c.peer_closed),
-            ("peer_reset", c.peer_reset),
-            ("closed", c.closed),
-            ("idle_timeout", c.idle_timeout),
-            ("state_timeout", c.state_timeout),
-            ("send_timeout", c.send_timeout),
-            ("output_overflow", c.output_overflow),
-            ("bad_frame", c.bad_frame),
-            ("bad_reply", c.bad_reply),
-            ("panic", c.panic),
-            ("shutdown", c.shutdown),
-            ("io", c.io),
-        ];
-        write!(f, "{}", c.total())?;
-        let mut separator = " (";
-        for (name, count) in reasons.into_iter().filter(|&(_, count)| count > 0) {
-            write!(f, "{separator}{name} {count}")?;
-            separator = ", ";
-        }
-        if separator == ", " {
-            f.write_str(")")?;
-        }
-        Ok(())
     }
 }
 

@@ -233,7 +233,7 @@ async fn sigterm_drains_a_hundred_conversations() {
             "{log}"
         );
         let stats = format!(
-            "final stats accepted=100 closed=100 (peer_closed 100) accept_errors=0 \
+            "final stats accepted=100 closed=100 (peer closed 100) accept_errors=0 \
              bytes_in={bytes} bytes_out={bytes}"
         );
         assert!(log.contains(&stats), "{stats}\n{log}");
@@ -314,7 +314,7 @@ async fn second_signal_closes_at_once() {
             log.contains("shutdown finished drained=0 force_closed=1"),
             "{log}"
         );
-        assert!(log.contains("closed=1 (shutdown 1)"), "{log}");
+        assert!(log.contains("closed=1 (server shutdown 1)"), "{log}");
     })
     .await
     .expect("bounded");

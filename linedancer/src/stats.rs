@@ -5,6 +5,7 @@
 //! its own counters, folded into the server's totals when it closes, and the other
 //! counters change once per connection or per accept error.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::protocol::CloseReason;
@@ -63,23 +64,24 @@ pub struct ClosedCounts {
 impl ClosedCounts {
     /// Every closed connection, whatever the reason.
     pub fn total(&self) -> u64 {
-        self.as_array().iter().sum()
+        self.by_reason().iter().map(|(_, count)| count).sum()
     }
 
-    fn as_array(&self) -> [u64; REASONS] {
+    /// Each reason's name (as in the log, such as `idle timeout`) and count.
+    pub fn by_reason(&self) -> [(&'static str, u64); REASONS] {
         [
-            self.peer_closed,
-            self.peer_reset,
-            self.closed,
-            self.idle_timeout,
-            self.state_timeout,
-            self.send_timeout,
-            self.output_overflow,
-            self.bad_frame,
-            self.bad_reply,
-            self.panic,
-            self.shutdown,
-            self.io,
+            ("peer closed", self.peer_closed),
+            ("peer reset", self.peer_reset),
+            ("closed by protocol", self.closed),
+            ("idle timeout", self.idle_timeout),
+            ("state timeout", self.state_timeout),
+            ("send timeout", self.send_timeout),
+            ("output overflow", self.output_overflow),
+            ("bad frame", self.bad_frame),
+            ("bad reply", self.bad_reply),
+            ("panic", self.panic),
+            ("server shutdown", self.shutdown),
+            ("i/o error", self.io),
         ]
     }
 
@@ -103,10 +105,27 @@ impl ClosedCounts {
     }
 }
 
+/// The total, then the count of each reason that occurred: `100 (peer closed 98, idle
+/// timeout 2)`.
+impl fmt::Display for ClosedCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.total())?;
+        let mut separator = " (";
+        for (reason, count) in self.by_reason().into_iter().filter(|(_, n)| *n > 0) {
+            write!(f, "{separator}{reason} {count}")?;
+            separator = ", ";
+        }
+        if separator == ", " {
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
 /// The number of close reasons counted apart.
 const REASONS: usize = 12;
 
-/// Where a close reason is counted, in the order of [`ClosedCounts::as_array`].
+/// Where a close reason is counted, in the order of [`ClosedCounts::by_reason`].
 fn slot(reason: &CloseReason) -> usize {
     match reason {
         CloseReason::PeerClosed => 0,
@@ -240,7 +259,14 @@ mod tests {
         }
         let closed = counters.snapshot(0, 0, 0, Bytes::default()).closed;
         let expected: Vec<u64> = (1..=REASONS as u64).collect();
-        assert_eq!(closed.as_array().to_vec(), expected);
+        let counted: Vec<u64> = closed.by_reason().iter().map(|(_, n)| *n).collect();
+        assert_eq!(counted, expected);
         assert_eq!(closed.total(), expected.iter().sum::<u64>());
+        for (reason, (name, _)) in reasons.iter().zip(closed.by_reason()) {
+            assert!(
+                reason.to_string().starts_with(name),
+                "{reason} named {name}"
+            );
+        }
     }
 }
