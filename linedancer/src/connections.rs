@@ -9,17 +9,22 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
 use std::net::SocketAddr;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::pin;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::CatchUnwind;
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt;
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
@@ -334,6 +339,49 @@ impl Drop for Slot {
     }
 }
 
+impl Slot {
+    /// The connection's handler has returned, or panicked: logs why the connection
+    /// ended, in its span, for the drop to count.
+    fn end(&mut self, served: Result<io::Result<()>, Box<dyn Any + Send>>) {
+        let reason = match served {
+            Ok(Ok(())) => lock(&self.shared.reason)
+                .take()
+                .unwrap_or(CloseReason::Closed),
+            Ok(Err(e)) => CloseReason::from_io(&e),
+            Err(panic) => CloseReason::Panic(panic_message(&*panic)),
+        };
+        tracing::Span::current().record("reason", tracing::field::display(&reason));
+        if let CloseReason::Panic(_) = reason {
+            warn!("connection closed");
+        } else {
+            info!("connection closed");
+        }
+        self.reason = Some(reason);
+    }
+}
+
+pin_project! {
+    /// A connection's task: its handler's future, with panics caught, and its slot,
+    /// which the task drops however it ends. A named future rather than an `async`
+    /// block, so that the task holds the handler's future once.
+    struct ConnectionTask<F> {
+        #[pin]
+        served: CatchUnwind<AssertUnwindSafe<F>>,
+        slot: Slot,
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let served = ready!(this.served.poll(cx));
+        this.slot.end(served);
+        Poll::Ready(())
+    }
+}
+
 impl Connections {
     pub(crate) fn new(max_connections: usize, limits: Limits) -> Arc<Self> {
         Arc::new(Connections {
@@ -422,7 +470,7 @@ impl Connections {
             shared.signal.raise(raised);
         }
         self.count.add(1);
-        let mut slot = Slot {
+        let slot = Slot {
             id,
             connections: Arc::clone(self),
             shared: Arc::clone(&shared),
@@ -443,26 +491,13 @@ impl Connections {
             state = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
-        let task = async move {
-            info!("connection accepted");
-            // The handler is called inside the task, so that a panic while making its
-            // future is caught like one while polling it.
-            let served = catching_panics(async move { handler.handle(stream, connection).await });
-            let reason = match served.await {
-                Ok(Ok(())) => lock(&slot.shared.reason)
-                    .take()
-                    .unwrap_or(CloseReason::Closed),
-                Ok(Err(e)) => CloseReason::from_io(&e),
-                Err(panic) => CloseReason::Panic(panic_message(&*panic)),
-            };
-            tracing::Span::current().record("reason", tracing::field::display(&reason));
-            if let CloseReason::Panic(_) = reason {
-                warn!("connection closed");
-            } else {
-                info!("connection closed");
-            }
-            slot.reason = Some(reason);
-            drop(slot);
+        span.in_scope(|| info!("connection accepted"));
+        // The handler is called in the task, so that a panic while making its future is
+        // caught like one while polling it.
+        let task = ConnectionTask {
+            served: AssertUnwindSafe(async move { handler.handle(stream, connection).await })
+                .catch_unwind(),
+            slot,
         };
         let task = self.tasks.spawn(task.instrument(span)).abort_handle();
         // A task that has already ended has left the map, and needs no handle.
@@ -556,20 +591,6 @@ impl Connections {
 /// so a poisoned lock is used as it is.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Runs `future`, turning a panic while polling it into an error holding the panic's
-/// payload.
-async fn catching_panics<F: Future>(future: F) -> Result<F::Output, Box<dyn Any + Send>> {
-    let mut future = pin!(future);
-    poll_fn(
-        |cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(panic) => Poll::Ready(Err(panic)),
-        },
-    )
-    .await
 }
 
 /// The message of a panic, when it has one (`panic!` with a string or a format).

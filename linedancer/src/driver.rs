@@ -6,7 +6,7 @@
 //! shutdown signals. Everything protocol-specific lives in the sans-IO
 //! [`Session`](crate::protocol::Session); this module only moves bytes and time.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -58,14 +58,24 @@ where
     P: Protocol,
     P::Codec: Clone + Sync,
 {
-    async fn handle(&self, stream: TcpStream, conn: Connection) -> io::Result<()> {
-        drive::<P>(stream, self.codec.clone(), conn).await;
-        Ok(())
+    // Not an `async fn`: its future would hold the socket and the connection a second
+    // time beside the driver's own.
+    fn handle(
+        &self,
+        stream: TcpStream,
+        conn: Connection,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        drive::<P>(stream, self.codec.clone(), conn)
     }
 }
 
-/// Serves one connection until it closes, and records why.
-async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connection) {
+/// Serves one connection until it closes, and records why; the reason is the close's
+/// whole story, so this never fails.
+async fn drive<P: Protocol>(
+    mut stream: TcpStream,
+    codec: P::Codec,
+    conn: Connection,
+) -> io::Result<()> {
     let span = Span::current();
     let limits = conn.limits();
     let peer = Peer {
@@ -225,6 +235,7 @@ async fn drive<P: Protocol>(mut stream: TcpStream, codec: P::Codec, conn: Connec
     session.output.clear();
     buffers::recycle([&mut session.input, &mut session.output]);
     conn.record_close(session.finish(cut));
+    Ok(())
 }
 
 /// What the socket is ready for: replies wait to be written, or none do and it was
