@@ -6,8 +6,8 @@
 //! the connection task with a [`Slot`] guard whose drop frees it and lowers the count,
 //! however the task ends.
 
-use std::any::Any;
-use std::collections::HashMap;
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::future::Future;
@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::CatchUnwind;
 use futures_util::task::AtomicWaker;
@@ -54,6 +54,7 @@ pub struct Connection {
     local_addr: SocketAddr,
     limits: Limits,
     shared: Arc<Shared>,
+    connections: Arc<Connections>,
 }
 
 impl Connection {
@@ -101,27 +102,100 @@ impl Connection {
         self.shared.signal.is_raised(DRAIN)
     }
 
-    /// Polls for the end of the drain timeout and, with `drain`, for the start of a
-    /// graceful shutdown: one poll for both, as the driver waits for both.
-    pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>, drain: bool) -> Poll<Shutdown> {
-        let mask = if drain { DRAIN | ABORT } else { ABORT };
+    /// Polls for the end of the drain timeout.
+    pub(crate) fn poll_abort(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.signal.poll(cx, ABORT).map(drop)
+    }
+
+    /// Polls for what the server and other connections ask of this one: one poll for
+    /// all, as the driver waits for all. With `drain`, the start of a graceful shutdown
+    /// is among them.
+    pub(crate) fn poll_event(&self, cx: &mut Context<'_>, drain: bool) -> Poll<Event> {
+        let mask = if drain {
+            DRAIN | ABORT | MAIL | OVERFLOW
+        } else {
+            ABORT | MAIL | OVERFLOW
+        };
         self.shared.signal.poll(cx, mask).map(|raised| {
             if raised & ABORT != 0 {
-                Shutdown::Abort
+                Event::Abort
+            } else if raised & OVERFLOW != 0 {
+                Event::Overflow
+            } else if raised & DRAIN != 0 {
+                Event::Drain
             } else {
-                Shutdown::Drain
+                Event::Mail
             }
         })
     }
+
+    /// Takes the messages waiting in the mailbox, oldest first.
+    pub(crate) fn take_mail(&self) -> VecDeque<Box<dyn Any + Send>> {
+        // Lowered first: a message sent meanwhile raises it again.
+        self.shared.signal.lower(MAIL);
+        std::mem::take(&mut *lock(&self.shared.mailbox))
+    }
+
+    /// Records the protocol's state, for connection listings.
+    pub(crate) fn record_state(&self, state: &'static str) {
+        *lock(&self.shared.state) = state;
+    }
+
+    /// The connection set, to message and group other connections.
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.connections
+    }
 }
 
-/// What the server asks of a connection.
+/// What the server or other connections ask of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shutdown {
-    /// Finish: a graceful shutdown has begun.
-    Drain,
+pub(crate) enum Event {
     /// Close now: the drain timeout has ended.
     Abort,
+    /// Close: more messages were sent than the mailbox holds.
+    Overflow,
+    /// Finish: a graceful shutdown has begun.
+    Drain,
+    /// Messages wait in the mailbox.
+    Mail,
+}
+
+/// A live connection, as [`ServerHandle::connections_info`](crate::ServerHandle::connections_info)
+/// lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// The connection's id.
+    pub id: ConnectionId,
+    /// The peer's address.
+    pub peer_addr: SocketAddr,
+    /// The protocol's state name ([`Protocol::state_name`](crate::Protocol::state_name));
+    /// empty for a raw handler.
+    pub state: &'static str,
+    /// When the connection was accepted.
+    pub since: SystemTime,
+    /// Bytes read from the peer so far (by the protocol driver).
+    pub bytes_in: u64,
+    /// Bytes written to the peer so far (by the protocol driver).
+    pub bytes_out: u64,
+}
+
+/// Why a message could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No such connection is open: it has ended, or never existed.
+    #[error("connection {0} is not open")]
+    NotOpen(ConnectionId),
+    /// The connection's mailbox was full: the message is dropped, and the connection
+    /// is closed ([`CloseReason::MailboxOverflow`]).
+    #[error("the mailbox of connection {0} is full; it is being closed")]
+    MailboxFull(ConnectionId),
+    /// The message is not of the type the server's protocol takes
+    /// ([`Protocol::Message`](crate::Protocol::Message)), or the server runs a raw
+    /// handler, which has no mailbox.
+    #[error("this server's connections do not take messages of type {0}")]
+    WrongType(&'static str),
 }
 
 /// The limits every connection of a server runs under; see the [`Builder`] methods of
@@ -138,15 +212,52 @@ pub struct Limits {
     /// Close a connection with more than this many bytes of replies waiting to be
     /// written.
     pub max_output: usize,
+    /// Close a connection with more than this many messages waiting in its mailbox.
+    pub mailbox_capacity: usize,
 }
 
 /// What a connection's task shares with the connection set.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     signal: Signal,
     bytes: ByteCounts,
     /// Set by the protocol driver as the connection ends.
     reason: Mutex<Option<CloseReason>>,
+    /// Messages not yet taken by the connection's task; no allocation while empty.
+    mailbox: Mutex<VecDeque<Box<dyn Any + Send>>>,
+    peer_addr: SocketAddr,
+    since: SystemTime,
+    /// The protocol's state name, for listings.
+    state: Mutex<&'static str>,
+}
+
+impl Shared {
+    /// Puts `message` in the mailbox, unless it already holds `capacity`: then the
+    /// connection is told to close instead.
+    fn post(&self, message: Box<dyn Any + Send>, capacity: usize) -> bool {
+        let mut mailbox = lock(&self.mailbox);
+        if mailbox.len() >= capacity {
+            drop(mailbox);
+            self.signal.raise(OVERFLOW);
+            return false;
+        }
+        mailbox.push_back(message);
+        drop(mailbox);
+        self.signal.raise(MAIL);
+        true
+    }
+
+    fn info(&self, id: ConnectionId) -> ConnectionInfo {
+        let bytes = self.bytes.get();
+        ConnectionInfo {
+            id,
+            peer_addr: self.peer_addr,
+            state: *lock(&self.state),
+            since: self.since,
+            bytes_in: bytes.read,
+            bytes_out: bytes.written,
+        }
+    }
 }
 
 /// How long a connection has to close after the drain timeout before its task is ended.
@@ -156,6 +267,10 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 const DRAIN: u8 = 1;
 /// [`Signal`] bit: the drain timeout has ended.
 const ABORT: u8 = 2;
+/// [`Signal`] bit: messages wait in the mailbox.
+const MAIL: u8 = 4;
+/// [`Signal`] bit: a message found the mailbox full.
+const OVERFLOW: u8 = 8;
 
 /// How the server tells one connection to drain or to close. Its task polls it on
 /// every wake-up, so it costs an atomic load, not a lock: a cancellation token's
@@ -172,6 +287,10 @@ impl Signal {
     fn raise(&self, bits: u8) {
         self.raised.fetch_or(bits, Ordering::AcqRel);
         self.waker.wake();
+    }
+
+    fn lower(&self, bits: u8) {
+        self.raised.fetch_and(!bits, Ordering::AcqRel);
     }
 
     fn is_raised(&self, bits: u8) -> bool {
@@ -212,6 +331,11 @@ pub(crate) struct Connections {
     /// that registers late still gets them.
     raised: AtomicU8,
     limits: Limits,
+    /// The type of message the connections' mailboxes take, with its name; `None` for
+    /// a raw handler, whose connections have no mailbox.
+    message_type: Option<(TypeId, &'static str)>,
+    /// The members of each group.
+    groups: Mutex<HashMap<Arc<str>, HashSet<ConnectionId>>>,
     counters: Counters,
     tasks: TaskTracker,
 }
@@ -295,6 +419,8 @@ struct Live {
     shared: Arc<Shared>,
     /// Its task, to end a handler that ignores the signal; set just after the spawn.
     task: Option<AbortHandle>,
+    /// The groups it has joined.
+    groups: Vec<Arc<str>>,
 }
 
 /// A free slot held by the acceptor while it accepts; dropping it gives the slot back.
@@ -327,7 +453,13 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let connections = &self.connections;
-        connections.live().remove(&self.id);
+        let live = connections.live().remove(&self.id);
+        if let Some(live) = live.filter(|live| !live.groups.is_empty()) {
+            let mut groups = lock(&connections.groups);
+            for group in &live.groups {
+                Connections::left(&mut groups, group, self.id);
+            }
+        }
         let reason = self.reason.take().unwrap_or(CloseReason::Shutdown);
         connections
             .counters
@@ -383,7 +515,11 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
 }
 
 impl Connections {
-    pub(crate) fn new(max_connections: usize, limits: Limits) -> Arc<Self> {
+    pub(crate) fn new(
+        max_connections: usize,
+        limits: Limits,
+        message_type: Option<(TypeId, &'static str)>,
+    ) -> Arc<Self> {
         Arc::new(Connections {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(max_connections)),
@@ -393,6 +529,8 @@ impl Connections {
             live: Mutex::new(HashMap::default()),
             raised: AtomicU8::new(0),
             limits,
+            message_type,
+            groups: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
         })
@@ -459,10 +597,19 @@ impl Connections {
         handler: Arc<H>,
     ) {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            signal: Signal::default(),
+            bytes: ByteCounts::default(),
+            reason: Mutex::new(None),
+            mailbox: Mutex::new(VecDeque::new()),
+            peer_addr,
+            since: SystemTime::now(),
+            state: Mutex::new(""),
+        });
         let live = Live {
             shared: Arc::clone(&shared),
             task: None,
+            groups: Vec::new(),
         };
         self.live().insert(id, live);
         let raised = self.raised.load(Ordering::Acquire);
@@ -483,6 +630,7 @@ impl Connections {
             local_addr,
             limits: self.limits,
             shared,
+            connections: Arc::clone(self),
         };
         let span = info_span!(
             "conn",
@@ -533,6 +681,109 @@ impl Connections {
             self.count.peak.load(Ordering::Relaxed),
             live,
         )
+    }
+
+    /// Checks that the connections take messages of type `M`.
+    pub(crate) fn check_type<M: 'static>(&self) -> Result<(), SendError> {
+        match self.message_type {
+            Some((type_id, _)) if type_id == TypeId::of::<M>() => Ok(()),
+            _ => Err(SendError::WrongType(std::any::type_name::<M>())),
+        }
+    }
+
+    /// Puts a message in the mailbox of connection `to`; its type has been checked.
+    pub(crate) fn post(
+        &self,
+        to: ConnectionId,
+        message: Box<dyn Any + Send>,
+    ) -> Result<(), SendError> {
+        let shared = match self.live().get(&to) {
+            Some(live) => Arc::clone(&live.shared),
+            None => return Err(SendError::NotOpen(to)),
+        };
+        if shared.post(message, self.limits.mailbox_capacity) {
+            Ok(())
+        } else {
+            Err(SendError::MailboxFull(to))
+        }
+    }
+
+    /// Puts a message made by `make` in the mailbox of every member of `group` but
+    /// `except`; returns how many took one. Members whose mailbox is full are closed.
+    pub(crate) fn broadcast(
+        &self,
+        group: &str,
+        make: &dyn Fn() -> Box<dyn Any + Send>,
+        except: Option<ConnectionId>,
+    ) -> usize {
+        let members: Vec<Arc<Shared>> = {
+            let groups = lock(&self.groups);
+            let Some(ids) = groups.get(group) else {
+                return 0;
+            };
+            let live = self.live();
+            (ids.iter())
+                .filter(|id| Some(**id) != except)
+                .filter_map(|id| Some(Arc::clone(&live.get(id)?.shared)))
+                .collect()
+        };
+        let capacity = self.limits.mailbox_capacity;
+        members
+            .iter()
+            .filter(|member| member.post(make(), capacity))
+            .count()
+    }
+
+    /// Adds connection `id` to `group`.
+    pub(crate) fn join(&self, id: ConnectionId, group: Arc<str>) {
+        let mut live = self.live();
+        let Some(entry) = live.get_mut(&id) else {
+            return;
+        };
+        if entry.groups.contains(&group) {
+            return;
+        }
+        entry.groups.push(Arc::clone(&group));
+        lock(&self.groups).entry(group).or_default().insert(id);
+    }
+
+    /// Takes connection `id` out of `group`.
+    pub(crate) fn leave(&self, id: ConnectionId, group: &str) {
+        let mut live = self.live();
+        let Some(entry) = live.get_mut(&id) else {
+            return;
+        };
+        entry.groups.retain(|g| &**g != group);
+        Self::left(&mut lock(&self.groups), group, id);
+    }
+
+    /// Takes `id` out of `group` in `groups`, and forgets a group left empty.
+    fn left(groups: &mut HashMap<Arc<str>, HashSet<ConnectionId>>, group: &str, id: ConnectionId) {
+        if let Some(members) = groups.get_mut(group) {
+            members.remove(&id);
+            if members.is_empty() {
+                groups.remove(group);
+            }
+        }
+    }
+
+    /// The members of `group`, in id order.
+    pub(crate) fn members(&self, group: &str) -> Vec<ConnectionId> {
+        let mut members: Vec<_> = lock(&self.groups)
+            .get(group)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        members.sort_unstable();
+        members
+    }
+
+    /// The live connections, in id order.
+    pub(crate) fn list(&self) -> Vec<ConnectionInfo> {
+        let mut list: Vec<_> = (self.live().iter())
+            .map(|(id, live)| live.shared.info(*id))
+            .collect();
+        list.sort_unstable_by_key(|info| info.id);
+        list
     }
 
     /// Tells every connection that a graceful shutdown has begun.

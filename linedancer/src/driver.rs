@@ -15,14 +15,15 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::field::display;
 use tracing::Span;
 
-use crate::connections::{Connection, Shutdown};
+use crate::connections::{Connection, Event};
 use crate::handler::Handler;
-use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
+use crate::protocol::{CloseReason, Effect, Peer, Protocol, Session, Timer};
 use crate::stats::Bytes;
 
 /// Bytes reserved in the read buffer before each read.
@@ -86,6 +87,10 @@ async fn drive<P: Protocol>(
     let mut session = Session::<P>::connect(codec, peer, limits.max_output);
     let mut state = session.state_name();
     span.record("state", display(state));
+    conn.record_state(state);
+    // Work started with `Ctx::spawn`, made on first use; dropped, and so cancelled,
+    // with the connection.
+    let mut spawned: Option<JoinSet<P::Message>> = None;
 
     let mut bytes = Bytes::default();
     let mut draining = false;
@@ -104,6 +109,11 @@ async fn drive<P: Protocol>(
 
     // Why the connection was cut short; `None` when it closed as the session says.
     let cut = loop {
+        if session.has_effects() {
+            for effect in session.take_effects() {
+                carry_out(effect, &conn, &mut spawned);
+            }
+        }
         if !session.output.is_empty() {
             // Most replies fit in the socket buffer: write them at once, and wait for
             // the peer only when some are left.
@@ -149,6 +159,7 @@ async fn drive<P: Protocol>(
         if session.state_name() != state {
             state = session.state_name();
             span.record("state", display(state));
+            conn.record_state(state);
         }
         if !pending && session.closing().is_some() {
             if session.closing() != Some(&CloseReason::PeerClosed) {
@@ -170,11 +181,23 @@ async fn drive<P: Protocol>(
         }
         tokio::select! {
             biased;
-            shutdown = poll_fn(|cx| conn.poll_shutdown(cx, !draining)) => match shutdown {
-                Shutdown::Abort => break Some(CloseReason::Shutdown),
-                Shutdown::Drain => {
+            event = poll_fn(|cx| conn.poll_event(cx, !draining)) => match event {
+                Event::Abort => break Some(CloseReason::Shutdown),
+                Event::Overflow => break Some(CloseReason::MailboxOverflow),
+                Event::Drain => {
                     draining = true;
                     session.shutdown();
+                    if overflowed(pending, &session.output, limits.max_output) {
+                        break Some(CloseReason::OutputOverflow);
+                    }
+                }
+                Event::Mail => {
+                    for message in conn.take_mail() {
+                        // The type was checked by the sender.
+                        if let Ok(message) = message.downcast::<P::Message>() {
+                            session.message(*message);
+                        }
+                    }
                     if overflowed(pending, &session.output, limits.max_output) {
                         break Some(CloseReason::OutputOverflow);
                     }
@@ -216,6 +239,19 @@ async fn drive<P: Protocol>(
                     break Some(CloseReason::OutputOverflow);
                 }
             }
+            Some(done) = async { spawned.as_mut().expect("checked").join_next().await },
+                if spawned.as_ref().is_some_and(|work| !work.is_empty()) => match done {
+                Ok(message) => {
+                    session.message(message);
+                    if overflowed(pending, &session.output, limits.max_output) {
+                        break Some(CloseReason::OutputOverflow);
+                    }
+                }
+                Err(e) if e.is_panic() => {
+                    break Some(CloseReason::Panic(format!("in spawned work: {e}")));
+                }
+                Err(_) => {}
+            },
             () = async { send_timer.as_mut().expect("sending implies a timer").await }, if sending => {
                 break Some(CloseReason::SendTimeout);
             }
@@ -243,6 +279,28 @@ async fn drive<P: Protocol>(
 enum Io {
     Writable(io::Result<()>),
     Read(io::Result<usize>),
+}
+
+/// Carries out what a callback asked for away from its connection.
+fn carry_out<M: Send + 'static>(
+    effect: Effect<M>,
+    conn: &Connection,
+    spawned: &mut Option<JoinSet<M>>,
+) {
+    let connections = conn.connections();
+    match effect {
+        // A connection that has ended, or a full mailbox, is the receiver's business:
+        // the sender goes on.
+        Effect::SendTo(to, message) => drop(connections.post(to, Box::new(message))),
+        Effect::Broadcast {
+            group,
+            message,
+            except,
+        } => drop(connections.broadcast(&group, &|| Box::new(message()), except)),
+        Effect::Join(group) => connections.join(conn.id(), group),
+        Effect::Leave(group) => connections.leave(conn.id(), &group),
+        Effect::Spawn(work) => drop(spawned.get_or_insert_with(JoinSet::new).spawn(work)),
+    }
 }
 
 /// Whether replies the protocol queued on its own (from a timeout or the shutdown
@@ -344,6 +402,6 @@ async fn linger(stream: &mut TcpStream, scratch: &mut BytesMut, conn: &Connectio
     tokio::select! {
         () = discard => {}
         () = tokio::time::sleep(LINGER_TIME) => {}
-        _ = poll_fn(|cx| conn.poll_shutdown(cx, false)) => {}
+        () = poll_fn(|cx| conn.poll_abort(cx)) => {}
     }
 }

@@ -17,6 +17,7 @@
 //! impl Protocol for Shout {
 //!     type Codec = Lines;
 //!     type Reply = String;
+//!     type Message = ();
 //!
 //!     fn connect(_ctx: &mut Ctx<'_, Self>) -> Self {
 //!         Shout
@@ -67,15 +68,15 @@ mod server;
 mod stats;
 pub mod testing;
 
-pub use connections::{Connection, ConnectionId, Limits};
+pub use connections::{Connection, ConnectionId, ConnectionInfo, Limits, SendError};
 pub use driver::Driver;
 pub use error::Error;
 pub use handler::Handler;
 pub use protocol::{CloseReason, Ctx, Frame, Next, Protocol};
 pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT,
-    DEFAULT_SEND_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAILBOX_CAPACITY, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT,
+    DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
 };
 pub use stats::{ClosedCounts, Stats};
 

@@ -8,8 +8,11 @@
 //! under the driver and under the harness.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -36,6 +39,7 @@ use crate::connections::ConnectionId;
 /// impl Protocol for Counter {
 ///     type Codec = Lines;
 ///     type Reply = String;
+///     type Message = ();
 ///
 ///     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
 ///         ctx.send("hello".to_string());
@@ -59,6 +63,12 @@ pub trait Protocol: Sized + Send + 'static {
     /// What the protocol sends back with [`Ctx::send`].
     type Reply: Send + 'static;
 
+    /// What other connections, the server handle and spawned work send to this one's
+    /// mailbox ([`Ctx::send_to`], [`Ctx::broadcast`], [`Ctx::spawn`],
+    /// [`ServerHandle::send_to`](crate::ServerHandle::send_to)), handed to
+    /// [`message`](Protocol::message). `()` for a protocol that takes none.
+    type Message: Send + 'static;
+
     /// A peer connected: choose the initial state. May greet with [`Ctx::send`], arm a
     /// timeout, or [`close`](Ctx::close) at once (the greeting is still delivered).
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self;
@@ -66,6 +76,13 @@ pub trait Protocol: Sized + Send + 'static {
     /// A complete frame arrived. Called once per frame, in order; replies queued while
     /// handling all frames of one read go out in one write.
     fn frame(&mut self, frame: Frame<Self>, ctx: &mut Ctx<'_, Self>) -> Next;
+
+    /// A message arrived in the connection's mailbox. Messages are delivered one at a
+    /// time, in the order each sender sent them. By default they are ignored.
+    fn message(&mut self, message: Self::Message, ctx: &mut Ctx<'_, Self>) -> Next {
+        let _ = (message, ctx);
+        Next::Continue
+    }
 
     /// The timeout armed with [`Ctx::set_timeout`] expired. By default the connection is
     /// closed (reason [`CloseReason::StateTimeout`]).
@@ -131,6 +148,10 @@ pub enum CloseReason {
     /// ([`Builder::max_output`](crate::Builder::max_output)) allows: the peer sends
     /// requests faster than it reads the answers.
     OutputOverflow,
+    /// More messages waited in the connection's mailbox than its capacity
+    /// ([`Builder::mailbox_capacity`](crate::Builder::mailbox_capacity)): the connection
+    /// could not keep up with what was sent to it.
+    MailboxOverflow,
     /// The peer sent bytes the codec rejects, such as a frame over the codec's maximum
     /// length or invalid UTF-8 in a line protocol. The text is the codec's error.
     BadFrame(String),
@@ -171,6 +192,7 @@ impl fmt::Display for CloseReason {
             CloseReason::OutputOverflow => {
                 f.write_str("output overflow: replies piled up past the limit")
             }
+            CloseReason::MailboxOverflow => f.write_str("mailbox overflow"),
             CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
             CloseReason::BadReply(e) => write!(f, "bad reply: {e}"),
             CloseReason::Panic(e) => write!(f, "panic: {e}"),
@@ -188,14 +210,47 @@ pub(crate) struct Peer {
     pub(crate) local_addr: SocketAddr,
 }
 
-/// What a callback can do: queue replies, close, arm a timeout, and learn about the
-/// connection.
+/// What a callback can do: queue replies, close, arm a timeout, message other
+/// connections, join groups, start work, and learn about the connection.
 pub struct Ctx<'a, P: Protocol> {
     codec: &'a mut P::Codec,
     output: &'a mut BytesMut,
     peer: &'a Peer,
-    timer: &'a mut Option<Timer>,
-    close: &'a mut Option<CloseReason>,
+    asked: &'a mut Asked<P::Message>,
+}
+
+/// What callbacks asked for beyond replies, for the driver (or harness) to carry out
+/// once they return.
+pub(crate) struct Asked<M> {
+    pub(crate) timer: Option<Timer>,
+    pub(crate) close: Option<CloseReason>,
+    pub(crate) effects: Vec<Effect<M>>,
+}
+
+impl<M> Default for Asked<M> {
+    fn default() -> Self {
+        Asked {
+            timer: None,
+            close: None,
+            effects: Vec::new(),
+        }
+    }
+}
+
+/// Work that is done away from the connection: carried out in order after the callback.
+pub(crate) enum Effect<M> {
+    /// A message for one connection's mailbox.
+    SendTo(ConnectionId, M),
+    /// A message for every member of a group but `except`.
+    Broadcast {
+        group: Arc<str>,
+        message: Box<dyn Fn() -> M + Send>,
+        except: Option<ConnectionId>,
+    },
+    Join(Arc<str>),
+    Leave(Arc<str>),
+    /// Work whose result comes back as a message.
+    Spawn(Pin<Box<dyn Future<Output = M> + Send>>),
 }
 
 impl<P: Protocol> Ctx<'_, P> {
@@ -205,30 +260,71 @@ impl<P: Protocol> Ctx<'_, P> {
     /// A reply the codec cannot encode closes the connection
     /// ([`CloseReason::BadReply`]); later sends are then ignored.
     pub fn send(&mut self, reply: P::Reply) {
-        if matches!(self.close, Some(CloseReason::BadReply(_))) {
+        if matches!(self.asked.close, Some(CloseReason::BadReply(_))) {
             return;
         }
         if let Err(e) = self.codec.encode(reply, self.output) {
-            *self.close = Some(CloseReason::BadReply(e.to_string()));
+            self.asked.close = Some(CloseReason::BadReply(e.to_string()));
         }
     }
 
     /// Closes the connection once the callback returns and the queued replies are
     /// written, as if the callback had returned [`Next::Close`].
     pub fn close(&mut self) {
-        self.close.get_or_insert(CloseReason::Closed);
+        self.asked.close.get_or_insert(CloseReason::Closed);
+    }
+
+    /// Sends `message` to the mailbox of connection `to` of this server, delivered to
+    /// its [`Protocol::message`] after this callback returns. Never blocks: a
+    /// connection that has ended is skipped, and one whose mailbox is full is closed
+    /// ([`CloseReason::MailboxOverflow`]) instead of holding up the sender.
+    pub fn send_to(&mut self, to: ConnectionId, message: P::Message) {
+        self.asked.effects.push(Effect::SendTo(to, message));
+    }
+
+    /// Sends a copy of `message` to every other member of `group` (not to this
+    /// connection), as [`send_to`](Ctx::send_to) does to one.
+    pub fn broadcast(&mut self, group: &str, message: P::Message)
+    where
+        P::Message: Clone,
+    {
+        self.asked.effects.push(Effect::Broadcast {
+            group: group.into(),
+            message: Box::new(move || message.clone()),
+            except: Some(self.peer.id),
+        });
+    }
+
+    /// Joins `group` (made on first use): [`broadcast`](Ctx::broadcast)s to it reach
+    /// this connection from then on. Membership ends with the connection.
+    pub fn join(&mut self, group: &str) {
+        self.asked.effects.push(Effect::Join(group.into()));
+    }
+
+    /// Leaves `group`.
+    pub fn leave(&mut self, group: &str) {
+        self.asked.effects.push(Effect::Leave(group.into()));
+    }
+
+    /// Runs `work` in a task of its own, and delivers its output to this connection's
+    /// [`Protocol::message`] when it is done: the way to wait for something (a lookup,
+    /// an upstream) without blocking the callbacks. Work still running when the
+    /// connection ends is cancelled; work that panics closes the connection
+    /// ([`CloseReason::Panic`]).
+    pub fn spawn(&mut self, work: impl Future<Output = P::Message> + Send + 'static) {
+        self.asked.effects.push(Effect::Spawn(Box::pin(work)));
     }
 
     /// Arms the timeout: [`Protocol::timeout`] is called once `after` has passed, unless
     /// the timeout is armed again or [cleared](Ctx::clear_timeout) first. Frames do not
     /// restart it; arm it again from [`Protocol::frame`] for an inactivity timeout.
     pub fn set_timeout(&mut self, after: Duration) {
-        *self.timer = Some(Timer::Arm(after));
+        self.asked.timer = Some(Timer::Arm(after));
     }
 
     /// Disarms the timeout.
     pub fn clear_timeout(&mut self) {
-        *self.timer = Some(Timer::Clear);
+        self.asked.timer = Some(Timer::Clear);
     }
 
     /// The connection's id, unique within the server.
@@ -264,8 +360,7 @@ pub(crate) struct Session<P: Protocol> {
     pub(crate) input: BytesMut,
     /// Encoded replies not yet written.
     pub(crate) output: BytesMut,
-    timer: Option<Timer>,
-    close: Option<CloseReason>,
+    asked: Asked<P::Message>,
     /// Decoding stops while more than this many bytes of replies wait.
     max_output: usize,
     /// Decoding stopped with frames possibly left in `input`, because replies piled up.
@@ -279,14 +374,12 @@ impl<P: Protocol> Session<P> {
     /// `max_output` bytes of replies wait to be written.
     pub(crate) fn connect(mut codec: P::Codec, peer: Peer, max_output: usize) -> Self {
         let mut output = BytesMut::new();
-        let mut timer = None;
-        let mut close = None;
+        let mut asked = Asked::default();
         let protocol = P::connect(&mut Ctx {
             codec: &mut codec,
             output: &mut output,
             peer: &peer,
-            timer: &mut timer,
-            close: &mut close,
+            asked: &mut asked,
         });
         Session {
             protocol,
@@ -294,8 +387,7 @@ impl<P: Protocol> Session<P> {
             peer,
             input: BytesMut::new(),
             output,
-            timer,
-            close,
+            asked,
             max_output,
             paused: false,
             eof: false,
@@ -308,11 +400,10 @@ impl<P: Protocol> Session<P> {
             codec: &mut self.codec,
             output: &mut self.output,
             peer: &self.peer,
-            timer: &mut self.timer,
-            close: &mut self.close,
+            asked: &mut self.asked,
         };
         if f(&mut self.protocol, &mut ctx) == Next::Close {
-            self.close.get_or_insert(on_close);
+            self.asked.close.get_or_insert(on_close);
         }
     }
 
@@ -327,7 +418,7 @@ impl<P: Protocol> Session<P> {
     pub(crate) fn decode(&mut self, eof: bool) {
         self.eof |= eof;
         self.paused = false;
-        while self.close.is_none() {
+        while self.asked.close.is_none() {
             if self.output.len() > self.max_output {
                 self.paused = true;
                 return;
@@ -340,17 +431,34 @@ impl<P: Protocol> Session<P> {
             match decoded {
                 Ok(Some(frame)) => self.call(|p, ctx| p.frame(frame, ctx), CloseReason::Closed),
                 Ok(None) => break,
-                Err(e) => self.close = Some(CloseReason::BadFrame(e.to_string())),
+                Err(e) => self.asked.close = Some(CloseReason::BadFrame(e.to_string())),
             }
         }
         if self.eof {
-            self.close.get_or_insert(CloseReason::PeerClosed);
+            self.asked.close.get_or_insert(CloseReason::PeerClosed);
         }
     }
 
     /// Whether decoding paused for the output limit, with input left to decode.
     pub(crate) fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// A message arrived: hands it to the protocol, unless the connection is closing.
+    pub(crate) fn message(&mut self, message: P::Message) {
+        if self.asked.close.is_none() {
+            self.call(|p, ctx| p.message(message, ctx), CloseReason::Closed);
+        }
+    }
+
+    /// What the callbacks asked to be done away from the connection, in order.
+    pub(crate) fn take_effects(&mut self) -> Vec<Effect<P::Message>> {
+        std::mem::take(&mut self.asked.effects)
+    }
+
+    /// Whether the callbacks asked for anything in [`take_effects`](Session::take_effects).
+    pub(crate) fn has_effects(&self) -> bool {
+        !self.asked.effects.is_empty()
     }
 
     /// The armed timeout expired.
@@ -367,19 +475,21 @@ impl<P: Protocol> Session<P> {
     /// the connection was cut short (an error, a timeout, the server), else the one it
     /// was closing for.
     pub(crate) fn finish(mut self, cut: Option<CloseReason>) -> CloseReason {
-        let reason = cut.or(self.close.take()).unwrap_or(CloseReason::Closed);
+        let reason = cut
+            .or(self.asked.close.take())
+            .unwrap_or(CloseReason::Closed);
         self.protocol.closed(&reason);
         reason
     }
 
     /// Why the session is closing, once it is: queued output is still to be written.
     pub(crate) fn closing(&self) -> Option<&CloseReason> {
-        self.close.as_ref()
+        self.asked.close.as_ref()
     }
 
     /// The timer change requested since the last call, if any.
     pub(crate) fn take_timer(&mut self) -> Option<Timer> {
-        self.timer.take()
+        self.asked.timer.take()
     }
 
     /// The protocol's current state name.

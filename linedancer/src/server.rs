@@ -1,5 +1,6 @@
 //! Starting a server ([`Builder`]) and controlling it once started ([`ServerHandle`]).
 
+use std::any::TypeId;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::connections::{Connections, Limits};
+use crate::connections::{ConnectionId, ConnectionInfo, Connections, Limits, SendError};
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::handler::Handler;
@@ -30,6 +31,9 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default limit on replies waiting to be written to one connection, in bytes.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+
+/// The default number of messages a connection's mailbox holds.
+pub const DEFAULT_MAILBOX_CAPACITY: usize = 1024;
 
 /// The default length of the queue of connections the kernel completes before we
 /// accept them.
@@ -70,7 +74,9 @@ impl Server {
                     idle_timeout: None,
                     send_timeout: DEFAULT_SEND_TIMEOUT,
                     max_output: DEFAULT_MAX_OUTPUT,
+                    mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
                 },
+                message_type: None,
             },
             handler: (),
         }
@@ -113,6 +119,8 @@ struct Settings {
     drain_timeout: Duration,
     threading: Threading,
     limits: Limits,
+    /// The protocol's message type, with its name; `None` for a raw handler.
+    message_type: Option<(TypeId, &'static str)>,
 }
 
 impl Settings {
@@ -137,6 +145,9 @@ impl Settings {
         }
         if self.limits.max_output == 0 {
             return Err(refuse("max_output", "0".into(), "must be at least 1"));
+        }
+        if self.limits.mailbox_capacity == 0 {
+            return Err(refuse("mailbox_capacity", "0".into(), "must be at least 1"));
         }
         if self.threading == Threading::PerCore(0) {
             return Err(refuse(
@@ -214,6 +225,16 @@ impl<H> Builder<H> {
         self
     }
 
+    /// How many messages a connection's mailbox holds. A message sent to a full
+    /// mailbox is dropped and the connection closed
+    /// ([`CloseReason::MailboxOverflow`](crate::CloseReason::MailboxOverflow)): a slow
+    /// receiver never blocks its senders nor grows without bound. Default
+    /// [`DEFAULT_MAILBOX_CAPACITY`]; must be at least 1.
+    pub fn mailbox_capacity(mut self, messages: usize) -> Self {
+        self.settings.limits.mailbox_capacity = messages;
+        self
+    }
+
     /// Which threads serve the connections. Default [`Threading::Shared`]; with
     /// [`Threading::PerCore`], `n` must be at least 1.
     pub fn threading(mut self, threading: Threading) -> Self {
@@ -237,14 +258,22 @@ impl<H> Builder<H> {
         P: Protocol,
         P::Codec: Clone + Sync,
     {
-        self.handler(Driver::new(codec))
+        let mut builder = self.handler(Driver::new(codec));
+        builder.settings.message_type = Some((
+            TypeId::of::<P::Message>(),
+            std::any::type_name::<P::Message>(),
+        ));
+        builder
     }
 
     /// Serves every connection with a [`Handler`] that gets the raw stream, instead of
     /// a protocol state machine.
     pub fn handler<H2: Handler>(self, handler: H2) -> Builder<H2> {
         Builder {
-            settings: self.settings,
+            settings: Settings {
+                message_type: None,
+                ..self.settings
+            },
             handler,
         }
     }
@@ -263,7 +292,11 @@ impl<H: Handler> Builder<H> {
         settings.check()?;
         let addr = SocketAddr::new(settings.ip, settings.port);
         let bind_error = |source| Error::Bind { addr, source };
-        let connections = Connections::new(settings.max_connections, settings.limits);
+        let connections = Connections::new(
+            settings.max_connections,
+            settings.limits,
+            settings.message_type,
+        );
         let handler = Arc::new(self.handler);
         let gate = Arc::new(Gate::default());
         let acceptors = TaskTracker::new();
@@ -438,6 +471,50 @@ impl ServerHandle {
     /// errors, bytes in and out.
     pub fn stats(&self) -> Stats {
         self.inner.connections.stats()
+    }
+
+    /// The live connections, in id order: id, peer, protocol state, connected since,
+    /// bytes in and out.
+    pub fn connections_info(&self) -> Vec<ConnectionInfo> {
+        self.inner.connections.list()
+    }
+
+    /// Sends `message` to the mailbox of connection `to`, for its protocol's
+    /// [`message`](Protocol::message) callback. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError`]: the connection is not open, its mailbox is full (it is then
+    /// closed), or `M` is not the protocol's [`Message`](Protocol::Message) type.
+    pub fn send_to<M: Send + 'static>(
+        &self,
+        to: ConnectionId,
+        message: M,
+    ) -> Result<(), SendError> {
+        let connections = &self.inner.connections;
+        connections.check_type::<M>()?;
+        connections.post(to, Box::new(message))
+    }
+
+    /// Sends a copy of `message` to every member of `group`, and returns how many took
+    /// one (a member whose mailbox is full is closed instead).
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::WrongType`] if `M` is not the protocol's message type.
+    pub fn broadcast<M: Clone + Send + 'static>(
+        &self,
+        group: &str,
+        message: M,
+    ) -> Result<usize, SendError> {
+        let connections = &self.inner.connections;
+        connections.check_type::<M>()?;
+        Ok(connections.broadcast(group, &|| Box::new(message.clone()), None))
+    }
+
+    /// The members of `group`, in id order.
+    pub fn group_members(&self, group: &str) -> Vec<ConnectionId> {
+        self.inner.connections.members(group)
     }
 
     /// The connection limit.

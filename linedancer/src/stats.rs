@@ -49,6 +49,8 @@ pub struct ClosedCounts {
     pub send_timeout: u64,
     /// [`CloseReason::OutputOverflow`].
     pub output_overflow: u64,
+    /// [`CloseReason::MailboxOverflow`].
+    pub mailbox_overflow: u64,
     /// [`CloseReason::BadFrame`].
     pub bad_frame: u64,
     /// [`CloseReason::BadReply`].
@@ -77,6 +79,7 @@ impl ClosedCounts {
             ("state timeout", self.state_timeout),
             ("send timeout", self.send_timeout),
             ("output overflow", self.output_overflow),
+            ("mailbox overflow", self.mailbox_overflow),
             ("bad frame", self.bad_frame),
             ("bad reply", self.bad_reply),
             ("panic", self.panic),
@@ -86,7 +89,7 @@ impl ClosedCounts {
     }
 
     fn from_array(counts: [u64; REASONS]) -> Self {
-        let [peer_closed, peer_reset, closed, idle_timeout, state_timeout, send_timeout, output_overflow, bad_frame, bad_reply, panic, shutdown, io] =
+        let [peer_closed, peer_reset, closed, idle_timeout, state_timeout, send_timeout, output_overflow, mailbox_overflow, bad_frame, bad_reply, panic, shutdown, io] =
             counts;
         ClosedCounts {
             peer_closed,
@@ -96,6 +99,7 @@ impl ClosedCounts {
             state_timeout,
             send_timeout,
             output_overflow,
+            mailbox_overflow,
             bad_frame,
             bad_reply,
             panic,
@@ -123,7 +127,7 @@ impl fmt::Display for ClosedCounts {
 }
 
 /// The number of close reasons counted apart.
-const REASONS: usize = 12;
+const REASONS: usize = 13;
 
 /// Where a close reason is counted, in the order of [`ClosedCounts::by_reason`].
 fn slot(reason: &CloseReason) -> usize {
@@ -135,11 +139,12 @@ fn slot(reason: &CloseReason) -> usize {
         CloseReason::StateTimeout => 4,
         CloseReason::SendTimeout => 5,
         CloseReason::OutputOverflow => 6,
-        CloseReason::BadFrame(_) => 7,
-        CloseReason::BadReply(_) => 8,
-        CloseReason::Panic(_) => 9,
-        CloseReason::Shutdown => 10,
-        CloseReason::Io(_) => 11,
+        CloseReason::MailboxOverflow => 7,
+        CloseReason::BadFrame(_) => 8,
+        CloseReason::BadReply(_) => 9,
+        CloseReason::Panic(_) => 10,
+        CloseReason::Shutdown => 11,
+        CloseReason::Io(_) => 12,
     }
 }
 
@@ -245,6 +250,7 @@ mod tests {
             CloseReason::StateTimeout,
             CloseReason::SendTimeout,
             CloseReason::OutputOverflow,
+            CloseReason::MailboxOverflow,
             CloseReason::BadFrame(String::new()),
             CloseReason::BadReply(String::new()),
             CloseReason::Panic(String::new()),

@@ -15,13 +15,15 @@
 //! assert!(conn.is_closed());
 //! ```
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::connections::ConnectionId;
-use crate::protocol::{CloseReason, Peer, Protocol, Session, Timer};
+use crate::protocol::{CloseReason, Effect, Peer, Protocol, Session, Timer};
 
 /// The peer address a harness connection reports.
 pub const PEER_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
@@ -40,6 +42,31 @@ pub struct Harness<P: Protocol> {
     now: Duration,
     /// When the protocol's timeout fires, in virtual time.
     deadline: Option<Duration>,
+    /// Messages and group changes the protocol asked for, not yet taken.
+    outgoing: Vec<Outgoing<P::Message>>,
+    /// Work the protocol spawned, not yet run.
+    spawned: Vec<Pin<Box<dyn Future<Output = P::Message> + Send>>>,
+}
+
+/// What a protocol under the [`Harness`] asked to be done away from its connection,
+/// in the order it asked: the sans-IO view of [`Ctx::send_to`](crate::Ctx::send_to),
+/// [`Ctx::broadcast`](crate::Ctx::broadcast), [`Ctx::join`](crate::Ctx::join) and
+/// [`Ctx::leave`](crate::Ctx::leave).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing<M> {
+    /// A message for connection `.0`.
+    SendTo(ConnectionId, M),
+    /// A message for the other members of `group`.
+    Broadcast {
+        /// The group.
+        group: String,
+        /// The message each member gets a copy of.
+        message: M,
+    },
+    /// Joined a group.
+    Join(String),
+    /// Left a group.
+    Leave(String),
 }
 
 impl<P: Protocol> Harness<P> {
@@ -64,6 +91,8 @@ impl<P: Protocol> Harness<P> {
             closed: None,
             now: Duration::ZERO,
             deadline: None,
+            outgoing: Vec::new(),
+            spawned: Vec::new(),
         };
         harness.settle();
         harness
@@ -102,6 +131,46 @@ impl<P: Protocol> Harness<P> {
             self.settle();
         }
         self.now = until;
+    }
+
+    /// A message arrives in the connection's mailbox: delivers it to
+    /// [`Protocol::message`]. Ignored once the connection is closed.
+    pub fn deliver(&mut self, message: P::Message) {
+        if let Some(session) = &mut self.session {
+            session.message(message);
+            self.settle();
+        }
+    }
+
+    /// Takes the messages and group changes the protocol has asked for since the last
+    /// call, in order.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing<P::Message>> {
+        std::mem::take(&mut self.outgoing)
+    }
+
+    /// Runs the work the protocol spawned with [`Ctx::spawn`](crate::Ctx::spawn) to
+    /// completion, one after the other on a runtime of its own, delivering each
+    /// result as a message; returns how many ran. Work spawned meanwhile waits for the
+    /// next call. Call it outside any tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime cannot be made, or inside a runtime.
+    pub fn run_spawned(&mut self) -> usize {
+        let work = std::mem::take(&mut self.spawned);
+        if work.is_empty() {
+            return 0;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the spawned work");
+        let count = work.len();
+        for future in work {
+            let message = runtime.block_on(future);
+            self.deliver(message);
+        }
+        count
     }
 
     /// The server shuts down: delivers the protocol's shutdown event.
@@ -170,6 +239,20 @@ impl<P: Protocol> Harness<P> {
             session.decode(false);
             self.output.extend_from_slice(&session.output);
             session.output.clear();
+        }
+        for effect in session.take_effects() {
+            match effect {
+                Effect::SendTo(to, message) => self.outgoing.push(Outgoing::SendTo(to, message)),
+                Effect::Broadcast { group, message, .. } => {
+                    self.outgoing.push(Outgoing::Broadcast {
+                        group: group.to_string(),
+                        message: message(),
+                    })
+                }
+                Effect::Join(group) => self.outgoing.push(Outgoing::Join(group.to_string())),
+                Effect::Leave(group) => self.outgoing.push(Outgoing::Leave(group.to_string())),
+                Effect::Spawn(work) => self.spawned.push(work),
+            }
         }
         match session.take_timer() {
             Some(Timer::Arm(after)) => self.deadline = Some(self.now + after),

@@ -241,6 +241,7 @@ const LINE_TIME: Duration = Duration::from_millis(300);
 impl Protocol for Deadline {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
         ctx.set_timeout(LINE_TIME);
@@ -342,6 +343,7 @@ struct Feed;
 impl Protocol for Feed {
     type Codec = linedancer::codec::Raw;
     type Reply = Bytes;
+    type Message = ();
 
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
         ctx.set_timeout(Duration::from_millis(5));
@@ -401,6 +403,7 @@ async fn oversize_frames_close_the_connection() {
     impl Protocol for Frames {
         type Codec = LengthPrefixed;
         type Reply = Bytes;
+        type Message = ();
         fn connect(_: &mut Ctx<'_, Self>) -> Self {
             Frames
         }
@@ -452,6 +455,7 @@ struct Fragile;
 impl Protocol for Fragile {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
         assert_ne!(ctx.id().0, 2, "the second connection");
@@ -595,6 +599,7 @@ struct Amplify;
 impl Protocol for Amplify {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(_: &mut Ctx<'_, Self>) -> Self {
         Amplify
@@ -656,6 +661,7 @@ struct Huge;
 impl Protocol for Huge {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(_: &mut Ctx<'_, Self>) -> Self {
         Huge

@@ -153,6 +153,7 @@ enum Patient {
 impl Protocol for Patient {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
         ctx.set_timeout(Duration::from_secs(5));

@@ -15,6 +15,7 @@ pub struct Echo;
 impl Protocol for Echo {
     type Codec = Raw;
     type Reply = BytesMut;
+    type Message = ();
 
     fn connect(_ctx: &mut Ctx<'_, Self>) -> Self {
         Echo

@@ -77,6 +77,7 @@ impl Handshake {
 impl Protocol for Handshake {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
         for line in WELCOME {

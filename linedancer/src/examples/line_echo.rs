@@ -12,6 +12,7 @@ pub struct LineEcho;
 impl Protocol for LineEcho {
     type Codec = Lines;
     type Reply = String;
+    type Message = ();
 
     fn connect(_ctx: &mut Ctx<'_, Self>) -> Self {
         LineEcho
