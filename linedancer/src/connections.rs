@@ -334,7 +334,7 @@ pub(crate) struct Connections {
     /// The type of message the connections' mailboxes take, with its name; `None` for
     /// a raw handler, whose connections have no mailbox.
     message_type: Option<(TypeId, &'static str)>,
-    /// The members of each group.
+    /// The members of each group. Whoever needs both locks takes `live`'s first.
     groups: Mutex<HashMap<Arc<str>, HashSet<ConnectionId>>>,
     counters: Counters,
     tasks: TaskTracker,
@@ -716,14 +716,19 @@ impl Connections {
         make: &dyn Fn() -> Box<dyn Any + Send>,
         except: Option<ConnectionId>,
     ) -> usize {
+        // One lock at a time: `join` and `leave` take the live map's, then the
+        // groups'.
+        let ids: Vec<ConnectionId> = match lock(&self.groups).get(group) {
+            Some(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| Some(*id) != except)
+                .collect(),
+            None => return 0,
+        };
         let members: Vec<Arc<Shared>> = {
-            let groups = lock(&self.groups);
-            let Some(ids) = groups.get(group) else {
-                return 0;
-            };
             let live = self.live();
             (ids.iter())
-                .filter(|id| Some(**id) != except)
                 .filter_map(|id| Some(Arc::clone(&live.get(id)?.shared)))
                 .collect()
         };

@@ -1,0 +1,423 @@
+//! Mailboxes, groups, spawned work and connection listings, and the chat server built
+//! on them: over real sockets, and in the harness.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{bounded, LineClient};
+use linedancer::codec::Lines;
+use linedancer::examples::{Chat, ChatMessage, LOBBY};
+use linedancer::testing::{Harness, Outgoing};
+use linedancer::{ConnectionId, Ctx, Next, Protocol, SendError, Server, ServerHandle};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+/// Writes every message it gets as a line; greets with `ready` so that a client knows
+/// it has been accepted.
+struct Inbox;
+
+impl Protocol for Inbox {
+    type Codec = Lines;
+    type Reply = String;
+    type Message = u32;
+
+    fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
+        ctx.send("ready".into());
+        Inbox
+    }
+
+    fn frame(&mut self, _: String, _: &mut Ctx<'_, Self>) -> Next {
+        Next::Continue
+    }
+
+    fn message(&mut self, n: u32, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send(n.to_string());
+        Next::Continue
+    }
+}
+
+/// Connects a client and waits for its greeting; returns it with its connection id.
+async fn accepted(server: &ServerHandle) -> (LineClient, ConnectionId) {
+    let client = LineClient::connect(server.local_addr()).await;
+    let mut client = client;
+    client.expect_line().await;
+    let local = client.writer.local_addr().unwrap();
+    let id = (server.connections_info().into_iter())
+        .find(|info| info.peer_addr == local)
+        .expect("listed")
+        .id;
+    (client, id)
+}
+
+/// Ensure messages sent to a connection arrive in the order they were sent, and that
+/// sending to a closed connection or with the wrong type fails with a clear error.
+#[tokio::test]
+async fn a_mailbox_delivers_in_send_order() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .protocol::<Inbox>()
+            .start()
+            .await
+            .unwrap();
+        let (mut client, id) = accepted(&server).await;
+        for n in 0..1000u32 {
+            server.send_to(id, n).unwrap();
+            if n % 100 == 0 {
+                tokio::task::yield_now().await; // let some be delivered meanwhile
+            }
+        }
+        for n in 0..1000u32 {
+            assert_eq!(client.expect_line().await, n.to_string());
+        }
+        assert!(matches!(
+            server.send_to(id, "a string"),
+            Err(SendError::WrongType(_))
+        ));
+        assert_eq!(
+            server.send_to(ConnectionId(999), 1u32),
+            Err(SendError::NotOpen(ConnectionId(999)))
+        );
+        drop(client);
+        server.wait_connections(|n| n == 0).await;
+        assert_eq!(server.send_to(id, 1u32), Err(SendError::NotOpen(id)));
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a mailbox that fills up never blocks the sender nor grows: the message that
+/// finds it full is refused, and the receiver is closed with its own reason.
+#[tokio::test]
+async fn a_full_mailbox_closes_the_receiver() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .mailbox_capacity(8)
+            .protocol::<Inbox>()
+            .start()
+            .await
+            .unwrap();
+        let (mut client, id) = accepted(&server).await;
+        // This test's runtime has one thread: the connection cannot take any message
+        // before this loop ends.
+        let sent: Vec<_> = (0..20u32).map(|n| server.send_to(id, n)).collect();
+        assert!(sent[..8].iter().all(Result::is_ok), "{sent:?}");
+        assert!(
+            sent[8..]
+                .iter()
+                .all(|r| *r == Err(SendError::MailboxFull(id))),
+            "{sent:?}"
+        );
+        assert_eq!(client.line().await, None, "closed");
+        server.wait_connections(|n| n == 0).await;
+        assert_eq!(server.stats().closed.mailbox_overflow, 1);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Answers every line after a pause, from work spawned off the callback.
+struct Later;
+
+impl Protocol for Later {
+    type Codec = Lines;
+    type Reply = String;
+    type Message = String;
+
+    fn connect(_: &mut Ctx<'_, Self>) -> Self {
+        Later
+    }
+
+    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            line.to_uppercase()
+        });
+        Next::Continue
+    }
+
+    fn message(&mut self, answer: String, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send(answer);
+        Next::Continue
+    }
+}
+
+/// Ensure work spawned from a callback delivers its result as a message.
+#[tokio::test]
+async fn spawned_work_answers_with_a_message() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .protocol::<Later>()
+            .start()
+            .await
+            .unwrap();
+        let mut client = LineClient::connect(server.local_addr()).await;
+        for word in ["one", "two", "three"] {
+            client.send(word).await;
+            assert_eq!(client.expect_line().await, word.to_uppercase());
+        }
+        drop(client);
+        server.wait_connections(|n| n == 0).await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure the harness runs spawned work and delivers its results.
+#[test]
+fn spawned_work_in_the_harness() {
+    let mut conn = Harness::<Later>::connect();
+    conn.feed("hello\nworld\n");
+    assert_eq!(conn.take_text(), "", "nothing before the work is done");
+    assert_eq!(conn.run_spawned(), 2);
+    assert_eq!(conn.take_text(), "HELLO\nWORLD\n");
+    assert_eq!(conn.run_spawned(), 0);
+}
+
+/// Ensure the handle lists live connections with their peer, state and bytes, and
+/// that group membership ends with the connection.
+#[tokio::test]
+async fn live_connections_are_listed_and_leave_their_groups() {
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .protocol::<Chat>()
+            .start()
+            .await
+            .unwrap();
+        let mut ann = LineClient::connect(server.local_addr()).await;
+        ann.expect_line().await;
+        let mut bob = LineClient::connect(server.local_addr()).await;
+        bob.expect_line().await;
+        bob.send("/join kitchen").await;
+        assert_eq!(bob.expect_line().await, "* you are in kitchen");
+
+        let list = server.connections_info();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].peer_addr, ann.writer.local_addr().unwrap());
+        assert_eq!(list[1].peer_addr, bob.writer.local_addr().unwrap());
+        assert!(list.iter().all(|info| info.state == "CHATTING"));
+        assert_eq!(list[1].bytes_in, "/join kitchen\n".len() as u64);
+        assert!(list[1].bytes_out > 0);
+        assert!(list[0].since <= list[1].since);
+        assert_eq!(server.group_members(LOBBY), vec![list[0].id]);
+        assert_eq!(server.group_members("kitchen"), vec![list[1].id]);
+
+        drop(bob);
+        server.wait_connections(|n| n == 1).await;
+        assert_eq!(server.group_members("kitchen"), vec![]);
+        assert_eq!(
+            server.broadcast(LOBBY, ChatMessage::Line("* notice".into())),
+            Ok(1)
+        );
+        // After the announcements of bob's coming and going.
+        while ann.expect_line().await != "* notice" {}
+        drop(ann);
+        server.wait_connections(|n| n == 0).await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure 300 chat clients in 3 rooms each receive every line said in their room
+/// exactly once, in each speaker's order, and nothing from the other rooms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_clients_in_three_rooms_hear_their_room_exactly_once() {
+    const CLIENTS: usize = 300;
+    const ROOMS: usize = 3;
+    const LINES: usize = 10;
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .protocol::<Chat>()
+            .start()
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let joined = Arc::new(Barrier::new(CLIENTS));
+        let mut clients = JoinSet::new();
+        for i in 0..CLIENTS {
+            let joined = Arc::clone(&joined);
+            clients.spawn(async move {
+                let mut client = LineClient::connect(addr).await;
+                client.expect_line().await; // welcome
+                client.send(&format!("/nick c{i}")).await;
+                client.send(&format!("/join room{}", i % ROOMS)).await;
+                // Announcements of others may come first.
+                while client.expect_line().await != format!("* you are in room{}", i % ROOMS) {}
+                joined.wait().await;
+                for n in 0..LINES {
+                    client.send(&format!("{i} {n}")).await;
+                }
+                // What each speaker said, in arrival order.
+                let mut heard: HashMap<usize, Vec<usize>> = HashMap::new();
+                let expected = (CLIENTS / ROOMS - 1) * LINES;
+                let mut count = 0;
+                while count < expected {
+                    let line = client.expect_line().await;
+                    let Some(said) = line.strip_prefix('<') else {
+                        continue; // announcements
+                    };
+                    let (nick, text) = said.split_once("> ").expect("<nick> text");
+                    let (speaker, n) = text.split_once(' ').unwrap();
+                    let (speaker, n): (usize, usize) =
+                        (speaker.parse().unwrap(), n.parse().unwrap());
+                    assert_eq!(nick, format!("c{speaker}"));
+                    assert_eq!(speaker % ROOMS, i % ROOMS, "heard from another room");
+                    assert_ne!(speaker, i, "heard itself");
+                    heard.entry(speaker).or_default().push(n);
+                    count += 1;
+                }
+                assert_eq!(heard.len(), CLIENTS / ROOMS - 1);
+                for (speaker, lines) in heard {
+                    assert_eq!(lines, (0..LINES).collect::<Vec<_>>(), "from c{speaker}");
+                }
+                // Nothing more than expected: once everyone is done, quit and check
+                // that only server lines remain.
+                client.send("/quit").await;
+                while let Some(line) = client.line().await {
+                    assert!(line.starts_with('*'), "unexpected {line}");
+                }
+            });
+        }
+        while let Some(client) = clients.join_next().await {
+            client.expect("every client heard its room");
+        }
+        server.wait_connections(|n| n == 0).await;
+        assert_eq!(server.stats().closed.closed, CLIENTS as u64);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a member who never reads is dropped, with its reason, while the rest of the
+/// room goes on hearing everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
+    // 4 KiB lines; at most 64 MiB in all, far more than the socket buffers between
+    // the server and the deaf member hold.
+    const MAX_LINES: usize = 16 * 1024;
+    bounded(async {
+        let server = Server::builder()
+            .port(0)
+            .max_output(64 * 1024)
+            .protocol::<Chat>()
+            .start()
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        // Connected one after the other: guest1, guest2, guest3.
+        let mut deaf = LineClient::connect(addr).await;
+        deaf.expect_line().await;
+        let mut listener = LineClient::connect(addr).await;
+        listener.expect_line().await;
+        let mut speaker = LineClient::connect(addr).await;
+        speaker.expect_line().await;
+        let text = "x".repeat(4096);
+        let dropped = |server: &ServerHandle| {
+            let closed = server.stats().closed;
+            closed.output_overflow + closed.mailbox_overflow
+        };
+        // Line by line, each heard before the next is said: the listener keeps up,
+        // the deaf member falls further behind with every line.
+        let mut said = 0;
+        while dropped(&server) == 0 {
+            assert!(said < MAX_LINES, "the deaf member was never dropped");
+            speaker.send(&format!("{said} {text}")).await;
+            loop {
+                let line = listener.expect_line().await;
+                if let Some(heard) = line.strip_prefix("<guest3> ") {
+                    assert_eq!(heard, format!("{said} {text}"));
+                    break;
+                }
+            }
+            said += 1;
+        }
+        // The room goes on.
+        for n in 0..10 {
+            speaker.send(&format!("after {n}")).await;
+            while listener.expect_line().await != format!("<guest3> after {n}") {}
+        }
+        assert_eq!(server.connections(), 2);
+        drop((deaf, listener, speaker));
+        server.wait_connections(|n| n == 0).await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure the chat protocol's commands ask for the right messages and group changes.
+#[test]
+fn chat_commands_in_the_harness() {
+    let mut conn = Harness::<Chat>::connect();
+    assert!(conn
+        .take_text()
+        .starts_with("* welcome, guest1: you are in lobby."));
+    assert_eq!(
+        conn.take_outgoing(),
+        vec![
+            Outgoing::Join(LOBBY.into()),
+            Outgoing::Broadcast {
+                group: LOBBY.into(),
+                message: ChatMessage::Line("* guest1 joined lobby".into()),
+            },
+        ]
+    );
+
+    conn.feed("/nick ann\n/join kitchen\nhello\n");
+    assert_eq!(
+        conn.take_text(),
+        "* you are now ann\n* you are in kitchen\n"
+    );
+    let line = |group: &str, text: &str| Outgoing::Broadcast {
+        group: group.into(),
+        message: ChatMessage::Line(text.into()),
+    };
+    assert_eq!(
+        conn.take_outgoing(),
+        vec![
+            line(LOBBY, "* guest1 is now ann"),
+            line(LOBBY, "* ann left for kitchen"),
+            Outgoing::Leave(LOBBY.into()),
+            Outgoing::Join("kitchen".into()),
+            line("kitchen", "* ann joined kitchen"),
+            line("kitchen", "<ann> hello"),
+        ]
+    );
+
+    conn.feed("/nick two words\n/join\n/dance\n");
+    assert_eq!(
+        conn.take_text(),
+        "* names have no spaces\n* names are 1 to 32 characters\n\
+         * unknown command /dance: try /nick, /join, /who or /quit\n"
+    );
+    assert_eq!(conn.take_outgoing(), vec![]);
+
+    conn.deliver(ChatMessage::Line("<bob> hi".into()));
+    conn.deliver(ChatMessage::Who(ConnectionId(7)));
+    conn.feed("/who\n");
+    conn.deliver(ChatMessage::Here("bob".into()));
+    assert_eq!(
+        conn.take_text(),
+        "<bob> hi\n* in kitchen: ann (you)\n* also here: bob\n"
+    );
+    assert_eq!(
+        conn.take_outgoing(),
+        vec![
+            Outgoing::SendTo(ConnectionId(7), ChatMessage::Here("ann".into())),
+            Outgoing::Broadcast {
+                group: "kitchen".into(),
+                message: ChatMessage::Who(ConnectionId(1)),
+            },
+        ]
+    );
+
+    conn.feed("/quit\n");
+    assert_eq!(conn.take_text(), "* bye\n");
+    assert!(conn.is_closed());
+}
