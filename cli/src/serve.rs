@@ -1,23 +1,28 @@
 //! `linedancer serve`: runs an example protocol until a signal asks it to stop.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use linedancer::examples::{Echo, Handshake, LineEcho};
+use linedancer::examples::{Echo, Gateway, Handshake, LineEcho};
 use linedancer::{Server, ServerHandle, ShutdownReport, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
-const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo"];
+const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "gateway"];
 
 /// Flags of `linedancer serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The protocol to serve: echo, handshake or line-echo.
+    /// The protocol to serve: echo, handshake, line-echo, or gateway (which relays
+    /// every connection to the --upstream servers in turn).
     protocol: String,
+    /// For the gateway: a server to relay connections to, as HOST:PORT; repeat it for
+    /// several, which clients are sent to in turn.
+    #[arg(long = "upstream", value_name = "HOST:PORT")]
+    upstreams: Vec<String>,
     /// The IP address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     bind: String,
@@ -79,6 +84,25 @@ pub enum ServeError {
     /// `--threads 0`.
     #[error("invalid --threads 0: needs at least 1 thread")]
     NoThreads,
+    /// `serve gateway` without `--upstream`.
+    #[error("serve gateway needs at least one --upstream HOST:PORT")]
+    NoUpstream,
+    /// `--upstream` for a protocol other than the gateway.
+    #[error("--upstream {upstream} is for the gateway only, not for '{protocol}'")]
+    UpstreamNotGateway {
+        /// The first `--upstream` given.
+        upstream: String,
+        /// The protocol asked for.
+        protocol: String,
+    },
+    /// An `--upstream` that does not resolve to an address.
+    #[error("invalid upstream '{upstream}': {reason}")]
+    BadUpstream {
+        /// The value given.
+        upstream: String,
+        /// Why it does not resolve.
+        reason: io::Error,
+    },
     /// The tokio runtime could not be built.
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
@@ -114,12 +138,21 @@ pub fn main(args: ServeArgs) -> Result<(), ServeError> {
 /// the connections still open at once) and logs what the shutdown did and the final
 /// counters.
 async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
+    if !PROTOCOLS.contains(&args.protocol.as_str()) {
+        return Err(ServeError::UnknownProtocol(args.protocol));
+    }
     let ip = match args.bind.as_str() {
         "localhost" => IpAddr::from([127, 0, 0, 1]),
         other => other
             .parse()
             .map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
     };
+    if args.protocol != "gateway" && !args.upstreams.is_empty() {
+        return Err(ServeError::UpstreamNotGateway {
+            upstream: args.upstreams[0].clone(),
+            protocol: args.protocol,
+        });
+    }
     let mut signals = Signals::new().map_err(ServeError::Signals)?;
     let mut builder = Server::builder()
         .bind(ip)
@@ -136,6 +169,12 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         "echo" => builder.protocol::<Echo>().start().await?,
         "handshake" => builder.protocol::<Handshake>().start().await?,
         "line-echo" => builder.protocol::<LineEcho>().start().await?,
+        "gateway" => {
+            builder
+                .handler(gateway(&args.upstreams).await?)
+                .start()
+                .await?
+        }
         _ => return Err(ServeError::UnknownProtocol(args.protocol)),
     };
     eprintln!("listening on {}", server.local_addr());
@@ -158,6 +197,31 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         "final stats"
     );
     Ok(())
+}
+
+/// A gateway to `upstreams`, each `HOST:PORT` resolved once, now. A name with several
+/// addresses stands for its first IPv4 one, if it has one: `localhost` is then
+/// 127.0.0.1, where `serve` listens by default, even where it also resolves to ::1.
+async fn gateway(upstreams: &[String]) -> Result<Gateway, ServeError> {
+    if upstreams.is_empty() {
+        return Err(ServeError::NoUpstream);
+    }
+    let mut addrs = Vec::with_capacity(upstreams.len());
+    for upstream in upstreams {
+        let bad = |reason| ServeError::BadUpstream {
+            upstream: upstream.clone(),
+            reason,
+        };
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(upstream.as_str())
+            .await
+            .map_err(bad)?
+            .collect();
+        let addr = (resolved.iter().find(|addr| addr.is_ipv4()))
+            .or(resolved.first())
+            .ok_or_else(|| bad(io::Error::other("resolves to no address")))?;
+        addrs.push(*addr);
+    }
+    Ok(Gateway::new(addrs)?)
 }
 
 /// Drains the server, cutting the drain short on another signal.

@@ -74,7 +74,7 @@ async fn bad_arguments_exit_1() {
     assert_eq!(code, 1);
     assert_eq!(
         stderr,
-        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo)\n"
+        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo, gateway)\n"
     );
 
     let (code, stderr) = fails(&["serve", "echo", "--bind", "300.0.0.1"]).await;

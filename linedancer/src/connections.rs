@@ -79,9 +79,14 @@ impl Connection {
         self.limits
     }
 
-    /// Records the bytes moved so far, for [`Stats`]; totals, not increments.
-    pub(crate) fn record_bytes(&self, bytes: Bytes) {
-        self.shared.bytes.set(bytes);
+    /// Records the bytes read from and written to the peer so far (totals, not
+    /// increments), for [`Stats`] and connection listings. The protocol driver does
+    /// this itself; a raw handler that wants its bytes counted calls it.
+    pub fn record_bytes(&self, bytes_in: u64, bytes_out: u64) {
+        self.shared.bytes.set(Bytes {
+            read: bytes_in,
+            written: bytes_out,
+        });
     }
 
     /// Records why the connection is ending, for the log and [`Stats`]; the protocol

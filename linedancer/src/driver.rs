@@ -131,7 +131,7 @@ async fn drive<P: Protocol>(
                 Err(e) => break Some(CloseReason::from_io(&e)),
             };
             bytes.written += written as u64;
-            conn.record_bytes(bytes);
+            conn.record_bytes(bytes.read, bytes.written);
             if !session.output.is_empty() && (!sending || written > 0) {
                 let deadline = Instant::now() + limits.send_timeout;
                 match &mut send_timer {
@@ -223,7 +223,7 @@ async fn drive<P: Protocol>(
                 Io::Read(Ok(n)) => {
                     if n > 0 {
                         bytes.read += n as u64;
-                        conn.record_bytes(bytes);
+                        conn.record_bytes(bytes.read, bytes.written);
                         if let Some((_, last_input)) = &mut idle {
                             *last_input = Instant::now();
                         }

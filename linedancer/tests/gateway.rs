@@ -1,0 +1,252 @@
+//! The gateway example over real sockets: linedancer echo servers (or a bare listener)
+//! as upstreams, a gateway server in front of them, and clients through it.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::bounded;
+use linedancer::examples::{Echo, Gateway};
+use linedancer::{Error, Server, ServerHandle, ShutdownReport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn echo_server() -> ServerHandle {
+    Server::builder()
+        .port(0)
+        .protocol::<Echo>()
+        .start()
+        .await
+        .expect("start an echo server")
+}
+
+async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle {
+    Server::builder()
+        .port(0)
+        .handler(Gateway::new(upstreams).expect("a gateway"))
+        .start()
+        .await
+        .expect("start the gateway")
+}
+
+/// Sends `message` and reads back as many bytes.
+async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).await.expect("write");
+    let mut reply = vec![0; message.len()];
+    stream.read_exact(&mut reply).await.expect("read the echo");
+    reply
+}
+
+/// An address nothing listens on: a port bound, then released.
+fn down_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Ensure an empty list of upstreams is refused, naming the setting.
+#[test]
+fn no_upstreams_is_refused() {
+    let error = Gateway::new(Vec::new()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Config {
+                setting: "upstreams",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "invalid upstreams []: needs at least one upstream"
+    );
+}
+
+/// Ensure 10 MiB of random bytes, written in random-sized chunks while the echo is
+/// read, go through the gateway to the echo server and back intact and in order.
+#[tokio::test]
+async fn ten_mebibytes_are_relayed_intact_both_ways() {
+    bounded(async {
+        let echo = echo_server().await;
+        let gateway = gateway(vec![echo.local_addr()]).await;
+        let stream = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let mut data = vec![0; 10 << 20];
+        fastrand::fill(&mut data);
+        let sent = data.clone();
+        let write = tokio::spawn(async move {
+            let mut rest = &sent[..];
+            while !rest.is_empty() {
+                let n = fastrand::usize(1..=rest.len().min(70_000));
+                writer.write_all(&rest[..n]).await.unwrap();
+                rest = &rest[n..];
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::with_capacity(data.len());
+        reader.read_to_end(&mut echoed).await.unwrap();
+        write.await.unwrap();
+        assert_eq!(echoed.len(), data.len());
+        assert!(echoed == data, "the relayed bytes differ from those sent");
+        gateway.wait_connections(|n| n == 0).await;
+        echo.wait_connections(|n| n == 0).await;
+        let stats = echo.stats();
+        assert_eq!(stats.bytes_in, data.len() as u64);
+        assert_eq!(stats.bytes_out, data.len() as u64);
+        // The gateway counts what it relayed, client to upstream and back.
+        let relayed = gateway.stats();
+        assert_eq!(
+            (relayed.bytes_in, relayed.bytes_out),
+            (stats.bytes_in, stats.bytes_out)
+        );
+        gateway.shutdown().await;
+        echo.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a client's half-close is passed on: after shutting its write side it still
+/// receives the whole echo, then the end of the stream, and the gateway's connection
+/// ends.
+#[tokio::test]
+async fn a_client_half_close_is_passed_on() {
+    bounded(async {
+        let echo = echo_server().await;
+        let gateway = gateway(vec![echo.local_addr()]).await;
+        let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let message = b"the last words before the FIN ".repeat(1000);
+        client.write_all(&message).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).await.unwrap();
+        assert!(echoed == message, "the echo is not what was sent");
+        gateway.wait_connections(|n| n == 0).await;
+        // The echo server saw the FIN, not a reset: the gateway passed it on.
+        echo.wait_connections(|n| n == 0).await;
+        assert_eq!(echo.stats().closed.peer_closed, 1);
+        gateway.shutdown().await;
+        echo.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure an upstream's half-close is passed on too: the client reads the upstream's
+/// bytes and its end of stream, and can still send, which the upstream receives.
+#[tokio::test]
+async fn an_upstream_half_close_is_passed_on() {
+    bounded(async {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway = gateway(vec![upstream.local_addr().unwrap()]).await;
+        let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let (mut server, _) = upstream.accept().await.unwrap();
+        server.write_all(b"banner").await.unwrap();
+        server.shutdown().await.unwrap();
+
+        let mut banner = Vec::new();
+        client.read_to_end(&mut banner).await.unwrap();
+        assert_eq!(banner, b"banner");
+        client.write_all(b"late reply").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        server.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"late reply");
+        gateway.wait_connections(|n| n == 0).await;
+        gateway.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure clients go to the upstreams in turn: ten clients, one after another, five to
+/// each of two upstreams, alternating from the first.
+#[tokio::test]
+async fn clients_go_to_the_upstreams_in_turn() {
+    const CLIENTS: u64 = 10;
+    bounded(async {
+        let first = echo_server().await;
+        let second = echo_server().await;
+        let gateway = gateway(vec![first.local_addr(), second.local_addr()]).await;
+        for i in 0..CLIENTS {
+            let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+            let message = format!("client {i}");
+            assert_eq!(
+                exchange(&mut client, message.as_bytes()).await,
+                message.as_bytes()
+            );
+            // Client i has been echoed, so its upstream has accepted it: of the i + 1
+            // clients so far, the first upstream has had half, rounded up, and the
+            // second the rest.
+            let served = i + 1;
+            assert_eq!(first.stats().accepted, served.div_ceil(2), "client {i}");
+            assert_eq!(second.stats().accepted, served / 2, "client {i}");
+        }
+        assert_eq!(first.stats().accepted, CLIENTS / 2);
+        assert_eq!(second.stats().accepted, CLIENTS / 2);
+        gateway.shutdown().await;
+        first.shutdown().await;
+        second.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a client sent to an upstream that is down is closed and counted as an i/o
+/// error, and the next client goes to the next upstream and is served.
+#[tokio::test]
+async fn a_down_upstream_closes_its_client_and_the_next_goes_on() {
+    bounded(async {
+        let up = echo_server().await;
+        let gateway = gateway(vec![down_address(), up.local_addr()]).await;
+
+        for round in 1..=2 {
+            let mut unlucky = TcpStream::connect(gateway.local_addr()).await.unwrap();
+            let mut received = Vec::new();
+            // The end of the stream, or a reset: either way, nothing relayed.
+            let _ = unlucky.read_to_end(&mut received).await;
+            assert!(received.is_empty(), "{received:?}");
+            gateway.wait_connections(|n| n == 0).await;
+            assert_eq!(gateway.stats().closed.io, round);
+
+            let mut next = TcpStream::connect(gateway.local_addr()).await.unwrap();
+            assert_eq!(exchange(&mut next, b"anyone home?").await, b"anyone home?");
+            assert_eq!(up.stats().accepted, round);
+        }
+        gateway.shutdown().await;
+        up.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a gateway shutting down stops relaying at once: a connected client mid-
+/// conversation is closed by the gateway's own handler, so it counts as drained (ended
+/// by itself within the drain timeout), not force-closed, and its upstream connection
+/// is closed too.
+#[tokio::test]
+async fn shutdown_drains_a_connected_client() {
+    bounded(async {
+        let echo = echo_server().await;
+        let gateway = gateway(vec![echo.local_addr()]).await;
+        let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        assert_eq!(
+            exchange(&mut client, b"still talking").await,
+            b"still talking"
+        );
+
+        let report = gateway.shutdown().await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained: 1,
+                force_closed: 0
+            }
+        );
+        let stats = gateway.stats();
+        assert_eq!(stats.closed.closed, 1, "{}", stats.closed);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        echo.wait_connections(|n| n == 0).await;
+        assert_eq!(echo.stats().closed.peer_closed, 1);
+        echo.shutdown().await;
+    })
+    .await;
+}
