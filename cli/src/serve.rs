@@ -5,19 +5,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use linedancer::examples::{Echo, Gateway, Handshake, LineEcho};
+use linedancer::examples::{Chat, Echo, Gateway, Handshake, LineEcho};
 use linedancer::{Server, ServerHandle, ShutdownReport, Threading};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
-const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "gateway"];
+const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "chat", "gateway"];
 
 /// Flags of `linedancer serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The protocol to serve: echo, handshake, line-echo, or gateway (which relays
-    /// every connection to the --upstream servers in turn).
+    /// The protocol to serve: echo, handshake, line-echo, chat, or gateway (which
+    /// relays every connection to the --upstream servers in turn).
     protocol: String,
     /// For the gateway: a server to relay connections to, as HOST:PORT; repeat it for
     /// several, which clients are sent to in turn.
@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// written to it.
     #[arg(long, default_value_t = linedancer::DEFAULT_MAX_OUTPUT, value_name = "BYTES")]
     max_output: usize,
+    /// Close a connection when more than this many messages wait in its mailbox
+    /// (chat).
+    #[arg(long, default_value_t = linedancer::DEFAULT_MAILBOX_CAPACITY, value_name = "N")]
+    mailbox_capacity: usize,
 }
 
 /// The threading models of `--threading`.
@@ -161,7 +165,8 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         .max_connections(args.max_connections)
         .drain_timeout(*args.drain_timeout)
         .send_timeout(*args.send_timeout)
-        .max_output(args.max_output);
+        .max_output(args.max_output)
+        .mailbox_capacity(args.mailbox_capacity);
     if let Some(timeout) = args.idle_timeout {
         builder = builder.idle_timeout(*timeout);
     }
@@ -169,6 +174,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         "echo" => builder.protocol::<Echo>().start().await?,
         "handshake" => builder.protocol::<Handshake>().start().await?,
         "line-echo" => builder.protocol::<LineEcho>().start().await?,
+        "chat" => builder.protocol::<Chat>().start().await?,
         "gateway" => {
             builder
                 .handler(gateway(&args.upstreams).await?)

@@ -38,6 +38,35 @@ async fn serve_talk_and_stop_with_sigterm() {
     .expect("bounded");
 }
 
+/// Ensure `serve chat` lets two clients talk.
+#[tokio::test]
+async fn serve_chat_relays_a_line_between_clients() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut server = serve(&["serve", "chat", "--port", "0"]).await;
+        let mut ann = BufReader::new(TcpStream::connect(&server.addr).await.unwrap());
+        let mut line = String::new();
+        ann.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("* welcome, guest1"), "{line}");
+        let mut bob = BufReader::new(TcpStream::connect(&server.addr).await.unwrap());
+        line.clear();
+        bob.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("* welcome, guest2"), "{line}");
+        bob.get_mut().write_all(b"hello ann\n").await.unwrap();
+        loop {
+            line.clear();
+            ann.read_line(&mut line).await.unwrap();
+            if line == "<guest2> hello ann\n" {
+                break;
+            }
+            assert!(line.starts_with('*'), "{line}");
+        }
+        server.signal(libc::SIGTERM);
+        assert_eq!(server.child.wait().await.unwrap().code(), Some(0));
+    })
+    .await
+    .expect("bounded");
+}
+
 /// Ensure the handshake server greets like the original.
 #[tokio::test]
 async fn serve_handshake_greets() {
@@ -74,7 +103,7 @@ async fn bad_arguments_exit_1() {
     assert_eq!(code, 1);
     assert_eq!(
         stderr,
-        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo, gateway)\n"
+        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo, chat, gateway)\n"
     );
 
     let (code, stderr) = fails(&["serve", "echo", "--bind", "300.0.0.1"]).await;
