@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bounded, LineClient};
+use common::{bounded, serve, LineClient};
 use linedancer::codec::Lines;
 use linedancer::examples::{Chat, ChatMessage, LOBBY};
 use linedancer::testing::{Harness, Outgoing};
@@ -57,12 +57,7 @@ async fn accepted(server: &ServerHandle) -> (LineClient, ConnectionId) {
 #[tokio::test]
 async fn a_mailbox_delivers_in_send_order() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<Inbox>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<Inbox>().await;
         let (mut client, id) = accepted(&server).await;
         for n in 0..1000u32 {
             server.send_to(id, n).unwrap();
@@ -150,12 +145,7 @@ impl Protocol for Later {
 #[tokio::test]
 async fn spawned_work_answers_with_a_message() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<Later>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<Later>().await;
         let mut client = LineClient::connect(server.local_addr()).await;
         for word in ["one", "two", "three"] {
             client.send(word).await;
@@ -184,12 +174,7 @@ fn spawned_work_in_the_harness() {
 #[tokio::test]
 async fn live_connections_are_listed_and_leave_their_groups() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<Chat>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<Chat>().await;
         let mut ann = LineClient::connect(server.local_addr()).await;
         ann.expect_line().await;
         let mut bob = LineClient::connect(server.local_addr()).await;
@@ -232,12 +217,7 @@ async fn three_hundred_clients_in_three_rooms_hear_their_room_exactly_once() {
     const ROOMS: usize = 3;
     const LINES: usize = 10;
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<Chat>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<Chat>().await;
         let addr = server.local_addr();
         let joined = Arc::new(Barrier::new(CLIENTS));
         let mut clients = JoinSet::new();

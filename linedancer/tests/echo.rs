@@ -4,51 +4,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::bounded;
+use common::{bounded, exchange, round_trip, serve};
 use linedancer::examples::Echo;
 use linedancer::{Connection, Error, Handler, Server, ServerHandle, ShutdownReport, Threading};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-async fn echo_server() -> ServerHandle {
-    Server::builder()
-        .port(0)
-        .protocol::<Echo>()
-        .start()
-        .await
-        .expect("start the echo server")
-}
-
-/// Sends `message` and reads back as many bytes.
-async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    stream.write_all(message).await.expect("write");
-    let mut reply = vec![0; message.len()];
-    stream.read_exact(&mut reply).await.expect("read the echo");
-    reply
-}
 
 /// Ensure one MiB of random bytes, written in random-sized chunks while the replies are
 /// read, comes back intact and in order, and that the server closes after our FIN.
 #[tokio::test]
 async fn echoes_a_mebibyte_of_random_bytes_intact() {
     bounded(async {
-        let server = echo_server().await;
+        let server = serve::<Echo>().await;
         let stream = TcpStream::connect(server.local_addr()).await.unwrap();
-        let (mut reader, mut writer) = stream.into_split();
         let data: Vec<u8> = (0..1 << 20).map(|_| fastrand::u8(..)).collect();
-        let sent = data.clone();
-        let write = tokio::spawn(async move {
-            let mut rest = &sent[..];
-            while !rest.is_empty() {
-                let n = fastrand::usize(1..=rest.len().min(70_000));
-                writer.write_all(&rest[..n]).await.unwrap();
-                rest = &rest[n..];
-            }
-            writer.shutdown().await.unwrap();
-        });
-        let mut echoed = Vec::with_capacity(data.len());
-        reader.read_to_end(&mut echoed).await.unwrap();
-        write.await.unwrap();
+        let echoed = round_trip(stream, &data).await;
         assert_eq!(echoed.len(), data.len());
         assert!(echoed == data, "the echoed bytes differ from those sent");
         server.wait_connections(|n| n == 0).await;
@@ -61,7 +31,7 @@ async fn echoes_a_mebibyte_of_random_bytes_intact() {
 #[tokio::test]
 async fn serves_250_concurrent_clients() {
     bounded(async {
-        let server = echo_server().await;
+        let server = serve::<Echo>().await;
         let mut clients = Vec::new();
         for _ in 0..250 {
             clients.push(TcpStream::connect(server.local_addr()).await.unwrap());
@@ -92,7 +62,7 @@ async fn serves_250_concurrent_clients() {
 #[tokio::test]
 async fn a_reset_mid_transfer_ends_only_that_connection() {
     bounded(async {
-        let server = echo_server().await;
+        let server = serve::<Echo>().await;
         let mut survivor = TcpStream::connect(server.local_addr()).await.unwrap();
         assert_eq!(exchange(&mut survivor, b"before").await, b"before");
 
@@ -119,7 +89,7 @@ async fn a_reset_mid_transfer_ends_only_that_connection() {
 #[tokio::test]
 async fn shutdown_drains_connected_clients() {
     bounded(async {
-        let server = echo_server().await;
+        let server = serve::<Echo>().await;
         let addr = server.local_addr();
         let mut client = TcpStream::connect(addr).await.unwrap();
         assert_eq!(exchange(&mut client, b"one").await, b"one");
@@ -174,7 +144,7 @@ async fn force_closes_an_idle_client(server: ServerHandle) {
 #[tokio::test]
 async fn shutdown_force_closes_after_the_drain_timeout() {
     bounded(async {
-        force_closes_an_idle_client(echo_server().await).await;
+        force_closes_an_idle_client(serve::<Echo>().await).await;
     })
     .await;
 }

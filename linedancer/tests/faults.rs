@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bounded, LineClient};
+use common::{bounded, exchange, LineClient};
 use linedancer::codec::{LengthPrefixed, Lines};
 use linedancer::examples::{Echo, LineEcho};
 use linedancer::{Builder, Ctx, Next, Protocol, Server, ServerHandle};
@@ -31,14 +31,6 @@ async fn assert_healthy(server: &ServerHandle) {
     assert_eq!(client.expect_line().await, "still there?");
     drop(client);
     server.wait_connections(|n| n == 0).await;
-}
-
-/// Sends `message` and reads back as many bytes.
-async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    stream.write_all(message).await.expect("write");
-    let mut reply = vec![0; message.len()];
-    stream.read_exact(&mut reply).await.expect("read the echo");
-    reply
 }
 
 /// Reads until the server closes; returns what came, or the error that ended it.

@@ -5,20 +5,11 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::bounded;
+use common::{bounded, exchange, round_trip, serve};
 use linedancer::examples::{Echo, Gateway};
 use linedancer::{Error, Server, ServerHandle, ShutdownReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-async fn echo_server() -> ServerHandle {
-    Server::builder()
-        .port(0)
-        .protocol::<Echo>()
-        .start()
-        .await
-        .expect("start an echo server")
-}
 
 async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle {
     Server::builder()
@@ -27,14 +18,6 @@ async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle {
         .start()
         .await
         .expect("start the gateway")
-}
-
-/// Sends `message` and reads back as many bytes.
-async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    stream.write_all(message).await.expect("write");
-    let mut reply = vec![0; message.len()];
-    stream.read_exact(&mut reply).await.expect("read the echo");
-    reply
 }
 
 /// An address nothing listens on: a port bound, then released.
@@ -68,25 +51,12 @@ fn no_upstreams_is_refused() {
 #[tokio::test]
 async fn ten_mebibytes_are_relayed_intact_both_ways() {
     bounded(async {
-        let echo = echo_server().await;
+        let echo = serve::<Echo>().await;
         let gateway = gateway(vec![echo.local_addr()]).await;
         let stream = TcpStream::connect(gateway.local_addr()).await.unwrap();
-        let (mut reader, mut writer) = stream.into_split();
         let mut data = vec![0; 10 << 20];
         fastrand::fill(&mut data);
-        let sent = data.clone();
-        let write = tokio::spawn(async move {
-            let mut rest = &sent[..];
-            while !rest.is_empty() {
-                let n = fastrand::usize(1..=rest.len().min(70_000));
-                writer.write_all(&rest[..n]).await.unwrap();
-                rest = &rest[n..];
-            }
-            writer.shutdown().await.unwrap();
-        });
-        let mut echoed = Vec::with_capacity(data.len());
-        reader.read_to_end(&mut echoed).await.unwrap();
-        write.await.unwrap();
+        let echoed = round_trip(stream, &data).await;
         assert_eq!(echoed.len(), data.len());
         assert!(echoed == data, "the relayed bytes differ from those sent");
         gateway.wait_connections(|n| n == 0).await;
@@ -112,7 +82,7 @@ async fn ten_mebibytes_are_relayed_intact_both_ways() {
 #[tokio::test]
 async fn a_client_half_close_is_passed_on() {
     bounded(async {
-        let echo = echo_server().await;
+        let echo = serve::<Echo>().await;
         let gateway = gateway(vec![echo.local_addr()]).await;
         let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
         let message = b"the last words before the FIN ".repeat(1000);
@@ -163,8 +133,8 @@ async fn an_upstream_half_close_is_passed_on() {
 async fn clients_go_to_the_upstreams_in_turn() {
     const CLIENTS: u64 = 10;
     bounded(async {
-        let first = echo_server().await;
-        let second = echo_server().await;
+        let first = serve::<Echo>().await;
+        let second = serve::<Echo>().await;
         let gateway = gateway(vec![first.local_addr(), second.local_addr()]).await;
         for i in 0..CLIENTS {
             let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
@@ -194,7 +164,7 @@ async fn clients_go_to_the_upstreams_in_turn() {
 #[tokio::test]
 async fn a_down_upstream_closes_its_client_and_the_next_goes_on() {
     bounded(async {
-        let up = echo_server().await;
+        let up = serve::<Echo>().await;
         let gateway = gateway(vec![down_address(), up.local_addr()]).await;
 
         for round in 1..=2 {
@@ -223,7 +193,7 @@ async fn a_down_upstream_closes_its_client_and_the_next_goes_on() {
 #[tokio::test]
 async fn shutdown_drains_a_connected_client() {
     bounded(async {
-        let echo = echo_server().await;
+        let echo = serve::<Echo>().await;
         let gateway = gateway(vec![echo.local_addr()]).await;
         let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
         assert_eq!(

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -64,4 +64,47 @@ impl LineClient {
             .await
             .expect("a line, not the end of the stream")
     }
+}
+
+/// Sends `data` through `stream` in random-sized chunks while reading what comes
+/// back, shuts the write side when all is sent, and returns everything read until the
+/// other side closes.
+pub async fn round_trip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = stream.into_split();
+    let sent = data.to_vec();
+    let write = tokio::spawn(async move {
+        let mut rest = &sent[..];
+        while !rest.is_empty() {
+            let n = fastrand::usize(1..=rest.len().min(70_000));
+            writer.write_all(&rest[..n]).await.unwrap();
+            rest = &rest[n..];
+        }
+        writer.shutdown().await.unwrap();
+    });
+    let mut received = Vec::with_capacity(data.len());
+    reader.read_to_end(&mut received).await.unwrap();
+    write.await.unwrap();
+    received
+}
+
+/// Starts a server running the protocol `P` on a free port.
+pub async fn serve<P>() -> linedancer::ServerHandle
+where
+    P: linedancer::Protocol,
+    P::Codec: Default + Clone + Sync,
+{
+    linedancer::Server::builder()
+        .port(0)
+        .protocol::<P>()
+        .start()
+        .await
+        .expect("start the server")
+}
+
+/// Sends `message` and reads back as many bytes.
+pub async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).await.expect("write");
+    let mut reply = vec![0; message.len()];
+    stream.read_exact(&mut reply).await.expect("read the echo");
+    reply
 }
