@@ -53,7 +53,10 @@
 //! - [`codec`] has the framings: raw bytes, bounded lines, length-prefixed frames.
 //! - [`Handler`] replaces the state-machine driver for users who want the raw stream.
 //! - [`testing`] drives a protocol with no socket and virtual time.
-//! - [`examples`] holds the original's `echo` and `handshake` protocols.
+//! - [`Stats`], [`ConnectionInfo`] and [`SendError`] come from a running server's
+//!   [`ServerHandle`]: counters, the live connections, messages to them.
+//! - [`examples`] holds the original's `echo` and `handshake` protocols, a `chat` server
+//!   built on mailboxes and groups, and a `gateway` built on the raw [`Handler`].
 #![deny(missing_docs)]
 
 pub mod codec;
