@@ -6,6 +6,7 @@
 //! so at the limit it stops accepting instead of accepting and closing. No accept error
 //! ends it: each is sorted by kind in [`accept_failed`].
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -149,6 +150,7 @@ pub(crate) async fn accept_loop<H: Handler>(
             };
             match accepted {
                 Ok((stream, peer_addr)) => {
+                    ACCEPTED.with(|accepted| accepted.set(accepted.get() + 1));
                     if let Err(e) = stream.set_nodelay(true) {
                         // The peer is already gone; the connection task will find out.
                         debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
@@ -173,6 +175,34 @@ pub(crate) async fn accept_loop<H: Handler>(
                 }
             }
         }
+    }
+}
+
+thread_local! {
+    /// Connections accepted on this thread, and that count when its runtime last went
+    /// to sleep.
+    static ACCEPTED: Cell<u64> = const { Cell::new(0) };
+    static ACCEPTED_AT_LAST_SLEEP: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How long a server thread that has just accepted connections keeps running before
+/// it sleeps, in [`spin_before_sleep`].
+const SPIN: Duration = Duration::from_micros(10);
+
+/// Called by a server thread's runtime just before it sleeps waiting for events. If it
+/// accepted connections since it last slept, more are likely on their way: it spins
+/// for [`SPIN`] first, so that they find it awake. Waking a sleeping thread costs
+/// the connecting side dearly (an inter-processor interrupt, a VM exit on a virtual
+/// machine); spinning costs this thread a little CPU, and only while connections
+/// arrive: a thread serving established connections never spins.
+pub(crate) fn spin_before_sleep() {
+    let accepted = ACCEPTED.with(Cell::get);
+    if ACCEPTED_AT_LAST_SLEEP.with(|last| last.replace(accepted)) == accepted {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < SPIN {
+        std::hint::spin_loop();
     }
 }
 

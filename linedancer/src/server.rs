@@ -377,6 +377,7 @@ async fn start_per_core<H: Handler>(
         let thread = move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(listener::spin_before_sleep)
                 .build()
             {
                 Ok(runtime) => runtime,
