@@ -270,7 +270,13 @@ async fn drive<P: Protocol>(
     session.input.clear();
     session.output.clear();
     buffers::recycle([&mut session.input, &mut session.output]);
-    conn.record_close(session.finish(cut));
+    let (reason, effects) = session.finish(cut);
+    // Work spawned now would outlive the connection: only messages go out.
+    spawned = None;
+    for effect in effects {
+        carry_out(effect, &conn, &mut spawned);
+    }
+    conn.record_close(reason);
     Ok(())
 }
 

@@ -99,9 +99,12 @@ pub trait Protocol: Sized + Send + 'static {
         Next::Continue
     }
 
-    /// The connection has ended, for `reason`; nothing more can be sent.
-    fn closed(&mut self, reason: &CloseReason) {
-        let _ = reason;
+    /// The connection has ended, for `reason`. Nothing more reaches the peer (replies
+    /// sent now are dropped), but messages to other connections
+    /// ([`Ctx::send_to`], [`Ctx::broadcast`]) still go out: a chat room can be told
+    /// that this member left.
+    fn closed(&mut self, reason: &CloseReason, ctx: &mut Ctx<'_, Self>) {
+        let _ = (reason, ctx);
     }
 
     /// The name of the current state, for logs and tracing spans.
@@ -473,13 +476,23 @@ impl<P: Protocol> Session<P> {
 
     /// Ends the session: calls [`Protocol::closed`] and returns the reason, `cut` if
     /// the connection was cut short (an error, a timeout, the server), else the one it
-    /// was closing for.
-    pub(crate) fn finish(mut self, cut: Option<CloseReason>) -> CloseReason {
+    /// was closing for, with what `closed` asked to be done away from the connection.
+    pub(crate) fn finish(
+        mut self,
+        cut: Option<CloseReason>,
+    ) -> (CloseReason, Vec<Effect<P::Message>>) {
         let reason = cut
             .or(self.asked.close.take())
             .unwrap_or(CloseReason::Closed);
-        self.protocol.closed(&reason);
-        reason
+        self.output.clear();
+        self.call(
+            |p, ctx| {
+                p.closed(&reason, ctx);
+                Next::Continue
+            },
+            CloseReason::Closed,
+        );
+        (reason, std::mem::take(&mut self.asked.effects))
     }
 
     /// Why the session is closing, once it is: queued output is still to be written.

@@ -240,7 +240,31 @@ impl<P: Protocol> Harness<P> {
             self.output.extend_from_slice(&session.output);
             session.output.clear();
         }
-        for effect in session.take_effects() {
+        let effects = session.take_effects();
+        self.take_effects(effects);
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        match session.take_timer() {
+            Some(Timer::Arm(after)) => self.deadline = Some(self.now + after),
+            Some(Timer::Clear) => self.deadline = None,
+            None => {}
+        }
+        if session.closing().is_some() {
+            if let Some(session) = self.session.take() {
+                let (reason, effects) = session.finish(None);
+                self.closed = Some(reason);
+                self.take_effects(effects);
+                self.deadline = None;
+            }
+        }
+    }
+
+    /// Keeps what the protocol asked to be done away from the connection: messages and
+    /// group changes for [`take_outgoing`](Harness::take_outgoing), work for
+    /// [`run_spawned`](Harness::run_spawned).
+    fn take_effects(&mut self, effects: Vec<Effect<P::Message>>) {
+        for effect in effects {
             match effect {
                 Effect::SendTo(to, message) => self.outgoing.push(Outgoing::SendTo(to, message)),
                 Effect::Broadcast { group, message, .. } => {
@@ -252,17 +276,6 @@ impl<P: Protocol> Harness<P> {
                 Effect::Join(group) => self.outgoing.push(Outgoing::Join(group.to_string())),
                 Effect::Leave(group) => self.outgoing.push(Outgoing::Leave(group.to_string())),
                 Effect::Spawn(work) => self.spawned.push(work),
-            }
-        }
-        match session.take_timer() {
-            Some(Timer::Arm(after)) => self.deadline = Some(self.now + after),
-            Some(Timer::Clear) => self.deadline = None,
-            None => {}
-        }
-        if session.closing().is_some() {
-            if let Some(session) = self.session.take() {
-                self.closed = Some(session.finish(None));
-                self.deadline = None;
             }
         }
     }

@@ -209,6 +209,26 @@ async fn live_connections_are_listed_and_leave_their_groups() {
     .await;
 }
 
+/// Ensure a chat member who just disconnects is announced to the room, like one who
+/// says /quit.
+#[tokio::test]
+async fn a_member_who_disconnects_is_announced() {
+    bounded(async {
+        let server = serve::<Chat>().await;
+        let mut ann = LineClient::connect(server.local_addr()).await;
+        ann.expect_line().await;
+        let mut bob = LineClient::connect(server.local_addr()).await;
+        bob.expect_line().await;
+        assert_eq!(ann.expect_line().await, "* guest2 joined lobby");
+        drop(bob);
+        assert_eq!(ann.expect_line().await, "* guest2 left");
+        drop(ann);
+        server.wait_connections(|n| n == 0).await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure 300 chat clients in 3 rooms each receive every line said in their room
 /// exactly once, in each speaker's order, and nothing from the other rooms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,4 +420,5 @@ fn chat_commands_in_the_harness() {
     conn.feed("/quit\n");
     assert_eq!(conn.take_text(), "* bye\n");
     assert!(conn.is_closed());
+    assert_eq!(conn.take_outgoing(), vec![line("kitchen", "* ann left")]);
 }

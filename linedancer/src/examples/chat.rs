@@ -142,7 +142,6 @@ impl Protocol for Chat {
                 ctx.broadcast(&self.room, ChatMessage::Who(ctx.id()));
             }
             ("quit", _) => {
-                self.announce(format!("* {} left", self.nick), ctx);
                 ctx.send("* bye".into());
                 return Next::Close;
             }
@@ -165,6 +164,11 @@ impl Protocol for Chat {
     fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
         ctx.send("* server shutting down, goodbye".into());
         Next::Close
+    }
+
+    fn closed(&mut self, _: &crate::CloseReason, ctx: &mut Ctx<'_, Self>) {
+        // However it ended: /quit, a disconnect, a reset, a timeout.
+        self.announce(format!("* {} left", self.nick), ctx);
     }
 
     fn state_name(&self) -> &'static str {
