@@ -503,6 +503,47 @@ async fn a_panicking_protocol_ends_only_its_connection() {
     .await;
 }
 
+/// A raw handler that panics when its peer sends `panic`, and echoes anything else.
+struct Touchy;
+
+impl linedancer::Handler for Touchy {
+    async fn handle(
+        &self,
+        mut stream: TcpStream,
+        _: linedancer::Connection,
+    ) -> std::io::Result<()> {
+        let mut buf = [0; 64];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            assert_ne!(&buf[..n], b"panic", "asked to panic");
+            stream.write_all(&buf[..n]).await?;
+        }
+    }
+}
+
+/// Ensure a raw handler that panics is isolated and counted like a protocol.
+#[tokio::test]
+async fn a_panicking_raw_handler_ends_only_its_connection() {
+    bounded(async {
+        let server = builder().handler(Touchy).start().await.unwrap();
+        let mut steady = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert_eq!(exchange(&mut steady, b"one").await, b"one");
+        let mut touchy = TcpStream::connect(server.local_addr()).await.unwrap();
+        touchy.write_all(b"panic").await.unwrap();
+        assert_eq!(read_to_close(&mut touchy).await.unwrap_or_default(), b"");
+        assert_eq!(exchange(&mut steady, b"two").await, b"two");
+        drop((steady, touchy));
+        server.wait_connections(|n| n == 0).await;
+        let closed = server.stats().closed;
+        assert_eq!((closed.panic, closed.closed), (1, 1));
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure a client that resets its connection mid-stream ends only that connection,
 /// counted as a reset.
 #[tokio::test]
