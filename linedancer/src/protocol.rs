@@ -421,12 +421,13 @@ impl<P: Protocol> Session<P> {
     pub(crate) fn decode(&mut self, eof: bool) {
         self.eof |= eof;
         self.paused = false;
+        let (eof, max_output) = (self.eof, self.max_output);
         while self.asked.close.is_none() {
-            if self.output.len() > self.max_output {
+            if self.output.len() > max_output {
                 self.paused = true;
                 return;
             }
-            let decoded = if self.eof {
+            let decoded = if eof {
                 self.codec.decode_eof(&mut self.input)
             } else {
                 self.codec.decode(&mut self.input)
@@ -437,7 +438,7 @@ impl<P: Protocol> Session<P> {
                 Err(e) => self.asked.close = Some(CloseReason::BadFrame(e.to_string())),
             }
         }
-        if self.eof {
+        if eof {
             self.asked.close.get_or_insert(CloseReason::PeerClosed);
         }
     }

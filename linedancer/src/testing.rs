@@ -183,14 +183,22 @@ impl<P: Protocol> Harness<P> {
 
     /// Takes every byte the protocol has written since the last call.
     pub fn take_output(&mut self) -> Bytes {
+        if let Some(session) = &mut self.session {
+            self.output.extend_from_slice(&session.output);
+            session.output.clear();
+        }
         Bytes::from(std::mem::take(&mut self.output))
     }
 
     /// Discards what the protocol has written since the last call, and says how many
     /// bytes that was: for tests and benchmarks that look only at state.
     pub fn clear_output(&mut self) -> usize {
-        let cleared = self.output.len();
+        let mut cleared = self.output.len();
         self.output.clear();
+        if let Some(session) = &mut self.session {
+            cleared += session.output.len();
+            session.output.clear();
+        }
         cleared
     }
 
@@ -233,15 +241,17 @@ impl<P: Protocol> Harness<P> {
         let Some(session) = &mut self.session else {
             return;
         };
-        self.output.extend_from_slice(&session.output);
-        session.output.clear();
+        // The peer takes what was written at once, so decoding paused for the output
+        // limit goes on.
         while session.is_paused() {
-            session.decode(false);
             self.output.extend_from_slice(&session.output);
             session.output.clear();
+            session.decode(false);
         }
-        let effects = session.take_effects();
-        self.take_effects(effects);
+        if session.has_effects() {
+            let effects = session.take_effects();
+            self.take_effects(effects);
+        }
         let Some(session) = &mut self.session else {
             return;
         };
@@ -252,6 +262,7 @@ impl<P: Protocol> Harness<P> {
         }
         if session.closing().is_some() {
             if let Some(session) = self.session.take() {
+                self.output.extend_from_slice(&session.output);
                 let (reason, effects) = session.finish(None);
                 self.closed = Some(reason);
                 self.take_effects(effects);
