@@ -232,21 +232,12 @@ async fn gateway(upstreams: &[String]) -> Result<Gateway, ServeError> {
 
 /// Drains the server, cutting the drain short on another signal.
 async fn stop(server: &ServerHandle, signals: &mut Signals) -> ShutdownReport {
-    let closed_before = server.stats().closed.total();
     tokio::select! {
         report = server.shutdown() => report,
         () = signals.next() => {
             info!("second signal: closing every connection now");
-            let cut = server.shutdown_with_timeout(Duration::ZERO).await;
-            // The first drain's report went with it: the connections that ended since
-            // the shutdown began, other than those just closed, finished by themselves.
-            let ended = server.stats().closed.total() - closed_before;
-            ShutdownReport {
-                drained: usize::try_from(ended)
-                    .unwrap_or(usize::MAX)
-                    .saturating_sub(cut.force_closed),
-                force_closed: cut.force_closed,
-            }
+            // Reports for the whole shutdown, the cut-short drain included.
+            server.shutdown_with_timeout(Duration::ZERO).await
         }
     }
 }

@@ -50,9 +50,7 @@ impl fmt::Display for ConnectionId {
 #[derive(Debug)]
 pub struct Connection {
     id: ConnectionId,
-    peer_addr: SocketAddr,
     local_addr: SocketAddr,
-    limits: Limits,
     shared: Arc<Shared>,
     connections: Arc<Connections>,
 }
@@ -65,7 +63,7 @@ impl Connection {
 
     /// The peer's address.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer_addr
+        self.shared.peer_addr
     }
 
     /// The local address the peer connected to.
@@ -76,7 +74,7 @@ impl Connection {
     /// The server's per-connection limits, which the protocol driver enforces and a raw
     /// handler may apply as it sees fit.
     pub fn limits(&self) -> Limits {
-        self.limits
+        self.connections.limits
     }
 
     /// Records the bytes read from and written to the peer so far (totals, not
@@ -631,9 +629,7 @@ impl Connections {
         };
         let connection = Connection {
             id,
-            peer_addr,
             local_addr,
-            limits: self.limits,
             shared,
             connections: Arc::clone(self),
         };

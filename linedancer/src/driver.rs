@@ -141,7 +141,9 @@ async fn drive<P: Protocol>(
                 sending = true;
             }
         }
-        let pending = !session.output.is_empty();
+        // Replies still waiting for the peer, in bytes.
+        let waiting = session.output.len();
+        let pending = waiting > 0;
         if !pending {
             if sending {
                 sending = false;
@@ -187,9 +189,6 @@ async fn drive<P: Protocol>(
                 Event::Drain => {
                     draining = true;
                     session.shutdown();
-                    if overflowed(pending, &session.output, limits.max_output) {
-                        break Some(CloseReason::OutputOverflow);
-                    }
                 }
                 Event::Mail => {
                     for message in conn.take_mail() {
@@ -197,9 +196,6 @@ async fn drive<P: Protocol>(
                         if let Ok(message) = message.downcast::<P::Message>() {
                             session.message(*message);
                         }
-                    }
-                    if overflowed(pending, &session.output, limits.max_output) {
-                        break Some(CloseReason::OutputOverflow);
                     }
                 }
             },
@@ -235,17 +231,11 @@ async fn drive<P: Protocol>(
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
                 armed = false;
                 session.timeout();
-                if overflowed(pending, &session.output, limits.max_output) {
-                    break Some(CloseReason::OutputOverflow);
-                }
             }
             Some(done) = async { spawned.as_mut().expect("checked").join_next().await },
                 if spawned.as_ref().is_some_and(|work| !work.is_empty()) => match done {
                 Ok(message) => {
                     session.message(message);
-                    if overflowed(pending, &session.output, limits.max_output) {
-                        break Some(CloseReason::OutputOverflow);
-                    }
                 }
                 Err(e) if e.is_panic() => {
                     break Some(CloseReason::Panic(format!("in spawned work: {e}")));
@@ -264,6 +254,9 @@ async fn drive<P: Protocol>(
                 sleep.as_mut().reset(deadline);
             }
         }
+        if overflowed(waiting, &session.output, limits.max_output) {
+            break Some(CloseReason::OutputOverflow);
+        }
     };
     // What is left unread or unwritten is discarded with the connection; the buffers
     // go back to the pool, so that a new connection does not allocate its own.
@@ -272,9 +265,10 @@ async fn drive<P: Protocol>(
     buffers::recycle([&mut session.input, &mut session.output]);
     let (reason, effects) = session.finish(cut);
     // Work spawned now would outlive the connection: only messages go out.
-    spawned = None;
     for effect in effects {
-        carry_out(effect, &conn, &mut spawned);
+        if !matches!(effect, Effect::Spawn(_)) {
+            carry_out(effect, &conn, &mut spawned);
+        }
     }
     conn.record_close(reason);
     Ok(())
@@ -309,11 +303,12 @@ fn carry_out<M: Send + 'static>(
     }
 }
 
-/// Whether replies the protocol queued on its own (from a timeout or the shutdown
-/// event) while earlier ones were still waiting for the peer have piled up past the
-/// output limit. Replies to the peer's own requests never count: reading stops instead.
-fn overflowed(was_pending: bool, output: &BytesMut, max_output: usize) -> bool {
-    was_pending && output.len() > max_output
+/// Whether replies the protocol queued on its own (from a timeout, the shutdown event,
+/// a message, spawned work) while `waiting` bytes of earlier ones still waited for the
+/// peer have piled up past the output limit. Replies to the peer's own requests never
+/// count: nothing is read while replies wait.
+fn overflowed(waiting: usize, output: &BytesMut, max_output: usize) -> bool {
+    waiting > 0 && output.len() > waiting && output.len() > max_output
 }
 
 /// A per-thread pool of I/O buffers. A connection takes a buffer when bytes arrive

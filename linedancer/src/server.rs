@@ -2,7 +2,7 @@
 
 use std::any::TypeId;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
@@ -339,6 +339,7 @@ impl<H: Handler> Builder<H> {
                 gate,
                 acceptors,
                 drain_timeout: settings.drain_timeout,
+                open_at_shutdown: OnceLock::new(),
             }),
         })
     }
@@ -435,6 +436,9 @@ struct Inner {
     /// connections are drained.
     acceptors: TaskTracker,
     drain_timeout: Duration,
+    /// The connections open when the first shutdown call closed the listeners: every
+    /// later call reports against them.
+    open_at_shutdown: OnceLock<usize>,
 }
 
 /// What a graceful shutdown did.
@@ -579,18 +583,22 @@ impl ServerHandle {
     /// event, waits up to `timeout` for the connections to end, then closes those still
     /// open. Replies already queued are written before each close.
     ///
-    /// Calling it again, or from a clone, waits again and reports what is left.
+    /// Calling it again, or from a clone (say, with a zero timeout to cut a drain
+    /// short), waits again; its report covers the whole shutdown, from the first call.
     pub async fn shutdown_with_timeout(&self, timeout: Duration) -> ShutdownReport {
         let inner = &self.inner;
         inner.gate.stop();
         inner.acceptors.close();
         inner.acceptors.wait().await;
-        let open = inner.connections.count();
-        info!(
-            local_addr = %inner.local_addr,
-            connections = open,
-            "listener closed, draining"
-        );
+        let open = *inner.open_at_shutdown.get_or_init(|| {
+            let open = inner.connections.count();
+            info!(
+                local_addr = %inner.local_addr,
+                connections = open,
+                "listener closed, draining"
+            );
+            open
+        });
         inner.connections.drain_all();
         let force_closed = match tokio::time::timeout(timeout, inner.connections.wait_all()).await {
             Ok(()) => 0,
