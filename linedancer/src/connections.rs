@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::CatchUnwind;
@@ -112,14 +112,21 @@ impl Connection {
 
     /// Polls for what the server and other connections ask of this one: one poll for
     /// all, as the driver waits for all. With `drain`, the start of a graceful shutdown
-    /// is among them.
-    pub(crate) fn poll_event(&self, cx: &mut Context<'_>, drain: bool) -> Poll<Event> {
+    /// is among them. `registered` is kept by the caller from one poll to the next; see
+    /// [`Signal::poll_registered`].
+    pub(crate) fn poll_event(
+        &self,
+        cx: &mut Context<'_>,
+        drain: bool,
+        registered: &mut Option<Waker>,
+    ) -> Poll<Event> {
         let mask = if drain {
             DRAIN | ABORT | MAIL | OVERFLOW
         } else {
             ABORT | MAIL | OVERFLOW
         };
-        self.shared.signal.poll(cx, mask).map(|raised| {
+        let signal = &self.shared.signal;
+        signal.poll_registered(cx, mask, registered).map(|raised| {
             if raised & ABORT != 0 {
                 Event::Abort
             } else if raised & OVERFLOW != 0 {
@@ -302,15 +309,43 @@ impl Signal {
 
     /// Ready with the raised bits of `mask` once any is raised.
     fn poll(&self, cx: &mut Context<'_>, mask: u8) -> Poll<u8> {
-        let raised = self.raised.load(Ordering::Acquire) & mask;
-        if raised != 0 {
-            return Poll::Ready(raised);
+        self.poll_registered(cx, mask, &mut None)
+    }
+
+    /// As [`poll`](Self::poll), for a poller that keeps `registered` across its polls
+    /// and so registers its waker once rather than on every poll: the driver polls on
+    /// every wake-up, and a registration is two read-modify-writes.
+    ///
+    /// `registered` holds the waker once it is registered with no bit raised. Every bit
+    /// is raised before the waker is woken (and so taken out), and a bit is lowered
+    /// only after a poll has seen it; so while no bit is raised, no wake has happened
+    /// since, and the registration still stands. Seeing any bit forgets it.
+    fn poll_registered(
+        &self,
+        cx: &mut Context<'_>,
+        mask: u8,
+        registered: &mut Option<Waker>,
+    ) -> Poll<u8> {
+        let raised = self.raised.load(Ordering::Acquire);
+        if raised == 0 {
+            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+        } else {
+            *registered = None;
+            if raised & mask != 0 {
+                return Poll::Ready(raised & mask);
+            }
         }
         self.waker.register(cx.waker());
         // Raised between the check and the registration: its wake found no waker.
-        match self.raised.load(Ordering::Acquire) & mask {
-            0 => Poll::Pending,
-            raised => Poll::Ready(raised),
+        match self.raised.load(Ordering::Acquire) {
+            0 => {
+                *registered = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            raised if raised & mask == 0 => Poll::Pending,
+            raised => Poll::Ready(raised & mask),
         }
     }
 }

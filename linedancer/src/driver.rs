@@ -94,6 +94,8 @@ async fn drive<P: Protocol>(
 
     let mut bytes = Bytes::default();
     let mut draining = false;
+    // The waker registered for events, so that it is not registered on every wake-up.
+    let mut registered = None;
     // The protocol's timer.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let mut armed = false;
@@ -183,7 +185,7 @@ async fn drive<P: Protocol>(
         }
         tokio::select! {
             biased;
-            event = poll_fn(|cx| conn.poll_event(cx, !draining)) => match event {
+            event = poll_fn(|cx| conn.poll_event(cx, !draining, &mut registered)) => match event {
                 Event::Abort => break Some(CloseReason::Shutdown),
                 Event::Overflow => break Some(CloseReason::MailboxOverflow),
                 Event::Drain => {
@@ -205,12 +207,14 @@ async fn drive<P: Protocol>(
                 if pending {
                     return stream.poll_write_ready(cx).map(Io::Writable);
                 }
-                // A waiting connection holds no buffer: the buffers taken for a read
-                // that would block go back to the pool at once.
-                buffers::fill([&mut session.input, &mut session.output]);
+                // A waiting connection holds no read buffer: the one taken for a read
+                // that would block goes back to the pool at once, and so does a large
+                // output buffer.
+                buffers::fill(&mut session.input);
                 let read = poll_read_buf(Pin::new(&mut stream), cx, &mut session.input);
                 if read.is_pending() {
-                    buffers::recycle([&mut session.input, &mut session.output]);
+                    buffers::recycle(&mut session.input, 0);
+                    buffers::recycle(&mut session.output, buffers::KEEP_OUTPUT);
                 }
                 read.map(Io::Read)
             }) => match io {
@@ -262,7 +266,8 @@ async fn drive<P: Protocol>(
     // go back to the pool, so that a new connection does not allocate its own.
     session.input.clear();
     session.output.clear();
-    buffers::recycle([&mut session.input, &mut session.output]);
+    buffers::recycle(&mut session.input, 0);
+    buffers::recycle(&mut session.output, 0);
     let (reason, effects) = session.finish(cut);
     // Work spawned now would outlive the connection: only messages go out.
     for effect in effects {
@@ -311,9 +316,11 @@ fn overflowed(waiting: usize, output: &BytesMut, max_output: usize) -> bool {
     waiting > 0 && output.len() > waiting && output.len() > max_output
 }
 
-/// A per-thread pool of I/O buffers. A connection takes a buffer when bytes arrive
-/// and gives it back when it has no partial frame and no unwritten reply, so that idle
-/// connections hold no buffer and busy ones allocate none in steady state.
+/// A per-thread pool of read buffers. A connection takes a buffer when bytes arrive
+/// and gives it back when it holds no partial frame, so that idle connections hold no
+/// read buffer and busy ones allocate none in steady state. The output buffer stays
+/// with its connection while it is small ([`KEEP_OUTPUT`](buffers::KEEP_OUTPUT)): the
+/// replies of a request-response protocol then cost no trip to the pool.
 mod buffers {
     use std::cell::RefCell;
 
@@ -325,60 +332,50 @@ mod buffers {
     /// at the same instant, with a margin.
     const POOL_SIZE: usize = 64;
 
+    /// The capacity up to which an empty output buffer stays with its connection.
+    pub(super) const KEEP_OUTPUT: usize = 1024;
+
     thread_local! {
         static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Makes sure every buffer has room for a read, taking empty ones from the pool.
-    /// Buffers go in and out together, so that the pool is looked up once.
-    pub(super) fn fill<const N: usize>(bufs: [&mut BytesMut; N]) {
-        if bufs
-            .iter()
-            .all(|buf| buf.capacity() - buf.len() >= READ_SIZE / 2)
-        {
+    /// Makes sure `buf` has room for a read, taking an empty buffer from the pool if
+    /// it has none.
+    pub(super) fn fill(buf: &mut BytesMut) {
+        if buf.capacity() - buf.len() >= READ_SIZE / 2 {
             return;
         }
-        POOL.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            for buf in bufs {
-                if buf.capacity() == 0 {
-                    if let Some(pooled) = pool.pop() {
-                        *buf = pooled;
-                    }
-                }
-                if buf.capacity() - buf.len() < READ_SIZE / 2 {
-                    buf.reserve(READ_SIZE);
-                }
+        if buf.capacity() == 0 {
+            if let Some(pooled) = POOL.with(|pool| pool.borrow_mut().pop()) {
+                *buf = pooled;
             }
-        });
+        }
+        if buf.capacity() - buf.len() < READ_SIZE / 2 {
+            buf.reserve(READ_SIZE);
+        }
     }
 
-    /// Gives the empty buffers back to the pool, leaving them without capacity.
-    pub(super) fn recycle<const N: usize>(bufs: [&mut BytesMut; N]) {
-        if bufs
-            .iter()
-            .all(|buf| !buf.is_empty() || buf.capacity() == 0)
-        {
+    /// Gives `buf` back to the pool, leaving it without capacity, if it is empty and
+    /// holds more than `keep` bytes of capacity.
+    pub(super) fn recycle(buf: &mut BytesMut, keep: usize) {
+        if !buf.is_empty() || buf.capacity() <= keep {
             return;
         }
-        POOL.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            for buf in bufs {
-                if !buf.is_empty() || buf.capacity() == 0 {
-                    continue;
-                }
-                let mut spare = std::mem::take(buf);
-                // A buffer with room left for a read is pooled as it is: reclaiming the
-                // part that frames were split from costs more than the rest of a
-                // return, so `fill` does it only once the room runs low. One without
-                // room is reclaimed now, or, when a frame the protocol kept still
-                // shares it, let go; so is one grown large by a big frame.
-                let room = spare.capacity() >= READ_SIZE / 2 || spare.try_reclaim(READ_SIZE);
-                if room && spare.capacity() <= 4 * READ_SIZE && pool.len() < POOL_SIZE {
+        let mut spare = std::mem::take(buf);
+        // A buffer with room left for a read is pooled as it is: reclaiming the part
+        // that frames were split from costs more than the rest of a return, so `fill`
+        // does it only once the room runs low. One without room is reclaimed now, or,
+        // when a frame the protocol kept still shares it, let go; so is one grown
+        // large by a big frame.
+        let room = spare.capacity() >= READ_SIZE / 2 || spare.try_reclaim(READ_SIZE);
+        if room && spare.capacity() <= 4 * READ_SIZE {
+            POOL.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL_SIZE {
                     pool.push(spare);
                 }
-            }
-        });
+            });
+        }
     }
 }
 
@@ -393,7 +390,7 @@ async fn linger(stream: &mut TcpStream, scratch: &mut BytesMut, conn: &Connectio
         let mut total = 0;
         while total < LINGER_BYTES {
             scratch.clear();
-            buffers::fill([&mut *scratch]);
+            buffers::fill(scratch);
             match stream.read_buf(scratch).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n,

@@ -16,7 +16,7 @@ use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
 /// Writes every message it gets as a line; greets with `ready` so that a client knows
-/// it has been accepted.
+/// it has been accepted, and says `bye` when the server shuts down.
 struct Inbox;
 
 impl Protocol for Inbox {
@@ -36,6 +36,11 @@ impl Protocol for Inbox {
     fn message(&mut self, n: u32, ctx: &mut Ctx<'_, Self>) -> Next {
         ctx.send(n.to_string());
         Next::Continue
+    }
+
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+        ctx.send("bye".into());
+        Next::Close
     }
 }
 
@@ -80,6 +85,25 @@ async fn a_mailbox_delivers_in_send_order() {
         server.wait_connections(|n| n == 0).await;
         assert_eq!(server.send_to(id, 1u32), Err(SendError::NotOpen(id)));
         server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure every wake-up reaches a connection that has gone idle, however many came
+/// before: messages one at a time, each answered before the next is sent, then the
+/// shutdown, which must find the connection still listening and drain it.
+#[tokio::test]
+async fn an_idle_connection_hears_every_wake_up() {
+    bounded(async {
+        let server = serve::<Inbox>().await;
+        let (mut client, id) = accepted(&server).await;
+        for n in 0..200u32 {
+            server.send_to(id, n).unwrap();
+            assert_eq!(client.expect_line().await, n.to_string());
+        }
+        let report = server.shutdown_with_timeout(Duration::from_secs(30)).await;
+        assert_eq!(client.expect_line().await, "bye");
+        assert_eq!((report.drained, report.force_closed), (1, 0));
     })
     .await;
 }
