@@ -5,11 +5,17 @@ Each scenario runs both servers in alternating rounds (A B, B A, A B, ...), beca
 kind of machine drifts by tens of percent for minutes at a time: only runs interleaved
 in time compare. Where `taskset` exists the server is pinned to CPU 0 and the load
 generator (`linedancer bench`) to CPU 1. For every scenario it prints the medians, the
-min-max, the server's CPU time per request, and the ratios linedancer / baseline.
+min-max, the server's CPU time per request, and the ratios linedancer / baseline: the
+median (and range) of each round's ratio, as a round's two runs are next to each other
+in time. Use an even number of rounds, so that each server goes first as often.
 
-    python3 bench/compare.py                      # every scenario, 3 rounds of 3 s
-    python3 bench/compare.py --rounds 5 --duration 5s --scenarios echo-50,lines-50
+    python3 bench/compare.py                      # every scenario, 4 rounds of 3 s
+    python3 bench/compare.py --rounds 6 --duration 5s --scenarios echo-50,lines-50
     python3 bench/compare.py --linedancer-args="--threading work-stealing"
+    python3 bench/compare.py --a-a --scenarios echo-1,lines-50   # the machine's noise
+
+With `--a-a` the baseline runs on both sides: two identical servers, whose ratios show
+how far apart this machine measures the same thing from round to round.
 
 Both servers log nothing per connection during the runs (linedancer with
 RUST_LOG=warn), so that the comparison is of serving, not of logging.
@@ -73,7 +79,7 @@ def run_once(server, scenario, args):
     """One run of `scenario` against `server` ("linedancer" or "baseline")."""
     bench_flags, protocol, baseline_flags = SCENARIOS[scenario]
     env = dict(os.environ, RUST_LOG="warn")
-    if server == "linedancer":
+    if server == "linedancer" and not args.a_a:
         command = [LINEDANCER, "serve", protocol, "--port", "0"]
         command += shlex.split(args.linedancer_args)
     else:
@@ -101,13 +107,21 @@ def spread(values, fmt):
     return f"{fmt(median)} ({fmt(min(values))}-{fmt(max(values))})", median
 
 
-def ratio(a, b):
-    return f"{a / b:.2f}x" if a is not None and b else "-"
+def paired(ours, theirs, key):
+    """The median and range of the per-round ratios ours / theirs: each round's two runs
+    are next to each other in time, so drift between rounds cancels out of them."""
+    ratios = [a[key] / b[key] for a, b in zip(ours, theirs)
+              if a.get(key) is not None and b.get(key)]
+    if not ratios:
+        return "-"
+    return (f"{statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds; an even number lets each server go first equally often")
     parser.add_argument("--duration", default="3s", help="measured time per run")
     parser.add_argument("--warmup", default="1s")
     parser.add_argument("--hold", default="3s", help="idle time in the hold scenario")
@@ -115,6 +129,8 @@ def main():
     parser.add_argument("--linedancer-args", default="",
                         help="extra flags for `linedancer serve`")
     parser.add_argument("--json", help="also write every run's numbers to this file")
+    parser.add_argument("--a-a", action="store_true",
+                        help="run the baseline in linedancer's place too (an A/A comparison)")
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -125,21 +141,25 @@ def main():
                     "--bin", "linedancer", "--example", "baseline_echo"],
                    cwd=ROOT, check=True)
     runs = {s: {"linedancer": [], "baseline": []} for s in scenarios}
+    labels = ({"linedancer": "baseline A", "baseline": "baseline B"} if args.a_a
+              else {"linedancer": "linedancer", "baseline": "baseline"})
     for round_ in range(args.rounds):
         order = ["linedancer", "baseline"] if round_ % 2 == 0 else ["baseline", "linedancer"]
         for scenario in scenarios:
             for server in order:
                 result = run_once(server, scenario, args)
                 runs[scenario][server].append(result)
-                print(f"round {round_ + 1} {scenario:16} {server:10} "
+                print(f"round {round_ + 1} {scenario:16} {labels[server]:10} "
                       f"{result['requests_per_sec']:>12,.0f} req/s  "
                       f"errors {result['errors_total']}", file=sys.stderr, flush=True)
                 time.sleep(0.5)  # let the sockets of the last run leave the port table
 
+    a, b = labels["linedancer"], labels["baseline"]
     print(f"\n{args.rounds} rounds, {args.duration} each"
-          f"{', linedancer ' + args.linedancer_args if args.linedancer_args else ''}\n")
-    print("| scenario | linedancer req/s | baseline req/s | ratio "
-          "| linedancer CPU µs/req | baseline CPU µs/req | CPU ratio |")
+          f"{', linedancer ' + args.linedancer_args if args.linedancer_args else ''}"
+          f"{', the baseline against itself' if args.a_a else ''}\n")
+    print(f"| scenario | {a} req/s | {b} req/s | ratio "
+          f"| {a} CPU µs/req | {b} CPU µs/req | CPU ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     memory = []
     for scenario in scenarios:
@@ -153,18 +173,19 @@ def main():
             continue
         rate = lambda v: f"{v:,.0f}"
         cpu = lambda v: f"{v:.2f}"
-        ld_rps, ld_r = spread([r["requests_per_sec"] for r in ld], rate)
-        base_rps, base_r = spread([r["requests_per_sec"] for r in base], rate)
-        ld_cpu, ld_c = spread([r["server_cpu_us_per_request"] for r in ld], cpu)
-        base_cpu, base_c = spread([r["server_cpu_us_per_request"] for r in base], cpu)
+        ld_rps, _ = spread([r["requests_per_sec"] for r in ld], rate)
+        base_rps, _ = spread([r["requests_per_sec"] for r in base], rate)
+        ld_cpu, _ = spread([r["server_cpu_us_per_request"] for r in ld], cpu)
+        base_cpu, _ = spread([r["server_cpu_us_per_request"] for r in base], cpu)
         note = f" ({errors} errors)" if errors else ""
-        print(f"| {scenario}{note} | {ld_rps} | {base_rps} | {ratio(ld_r, base_r)} "
-              f"| {ld_cpu} | {base_cpu} | {ratio(ld_c, base_c)} |")
+        print(f"| {scenario}{note} | {ld_rps} | {base_rps} "
+              f"| {paired(ld, base, 'requests_per_sec')} "
+              f"| {ld_cpu} | {base_cpu} | {paired(ld, base, 'server_cpu_us_per_request')} |")
     for scenario, ld_mem, base_mem, ld_m, base_m, errors in memory:
         note = f" ({errors} errors)" if errors else ""
         extra = f"{(ld_m - base_m) / 1024:+.2f}" if ld_m is not None and base_m is not None else "-"
         print(f"\n{scenario}{note}: server memory per idle connection, KiB: "
-              f"linedancer {ld_mem}, baseline {base_mem}, difference {extra} KiB")
+              f"{a} {ld_mem}, {b} {base_mem}, difference {extra} KiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
