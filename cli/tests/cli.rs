@@ -81,19 +81,32 @@ async fn serve_handshake_greets() {
     .expect("bounded");
 }
 
-/// Ensure a port in use exits 1 with one line naming the address and the reason.
+/// Ensure a port in use exits 1 with one line naming the address and the reason,
+/// whether a plain socket or another `linedancer serve` holds it (whose per-core
+/// listeners share their port among themselves, and with nobody else).
 #[tokio::test]
 async fn port_in_use_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port().to_string();
-    let (code, stderr) = fails(&["serve", "echo", "--port", &port]).await;
-    assert_eq!(code, 1);
-    let error_line = format!("error: cannot listen on 127.0.0.1:{port}: Address already in use");
-    assert!(
-        stderr.lines().any(|l| l.starts_with(&error_line)),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let other = serve(&["serve", "echo", "--port", "0"]).await;
+    let other_port = other.addr.rsplit(':').next().unwrap().to_owned();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    for port in [taken_port, other_port] {
+        let (code, stderr) = fails(&["serve", "echo", "--port", &port]).await;
+        assert_eq!(code, 1);
+        let error_line =
+            format!("error: cannot listen on 127.0.0.1:{port}: Address already in use");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&error_line)),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // The server already there goes on serving.
+    let mut client = TcpStream::connect(&other.addr).await.unwrap();
+    client.write_all(b"still here\n").await.unwrap();
+    let mut reply = [0; 11];
+    client.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"still here\n");
 }
 
 /// Ensure an unknown protocol and a bad address exit 1 with one line naming the value.

@@ -49,6 +49,26 @@ pub(crate) fn bind(
     Ok(socket.into())
 }
 
+/// Checks that nobody listens on `addr`, or picks a free port when its port is 0, and
+/// returns the address to give [`bind`]. Per-core listeners share their port through
+/// `SO_REUSEPORT`, which would also let them join the listeners of another server of
+/// the same user on that port, and silently take part of its connections: this plain
+/// bind fails instead, as any server's would.
+pub(crate) fn free_address(addr: SocketAddr) -> io::Result<SocketAddr> {
+    let probe = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(IpProtocol::TCP),
+    )?;
+    // Connections of an earlier server in TIME_WAIT do not make the port busy.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())?;
+    probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an internet address"))
+}
+
 /// Whether the acceptors accept: shared by every accept loop of a server and its handle.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {

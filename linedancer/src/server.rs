@@ -357,7 +357,8 @@ async fn start_per_core<H: Handler>(
     gate: &Arc<Gate>,
     acceptors: &TaskTracker,
 ) -> Result<SocketAddr, Error> {
-    // The first socket settles the port (0 picks one); the others join it.
+    // A free port is settled first (0 picks one); then every socket joins it.
+    let addr = listener::free_address(addr).map_err(|source| Error::Bind { addr, source })?;
     let first =
         listener::bind(addr, backlog, true).map_err(|source| Error::Bind { addr, source })?;
     let local_addr = first

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::{bounded, exchange, LineClient};
 use linedancer::codec::{LengthPrefixed, Lines};
 use linedancer::examples::{Echo, LineEcho};
-use linedancer::{Builder, Ctx, Next, Protocol, Server, ServerHandle};
+use linedancer::{Builder, Ctx, Error, Next, Protocol, Server, ServerHandle, Threading};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Barrier};
@@ -186,6 +186,42 @@ async fn several_listeners_in_one_process() {
         assert!(TcpStream::connect(lines.local_addr()).await.is_err());
         assert_healthy(&echo).await;
         echo.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a server asked to listen on a port another server already listens on fails
+/// at start, naming the address, with either threading model, and leaves the first
+/// one serving: per-core listeners share their port through `SO_REUSEPORT`, which must
+/// not let them join another server's.
+#[tokio::test]
+async fn a_port_in_use_fails_at_start() {
+    bounded(async {
+        let first = (builder().threading(Threading::PerCore(2)))
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap();
+        let addr = first.local_addr();
+        for threading in [Threading::PerCore(2), Threading::Shared] {
+            let second = Server::builder()
+                .bind(addr.ip())
+                .port(addr.port())
+                .threading(threading)
+                .protocol::<Echo>()
+                .start()
+                .await;
+            match second {
+                Err(Error::Bind { addr: at, source }) => {
+                    assert_eq!(at, addr);
+                    assert_eq!(source.kind(), ErrorKind::AddrInUse);
+                }
+                Err(e) => panic!("{threading:?}: unexpected error {e}"),
+                Ok(second) => panic!("{threading:?}: started on {}", second.local_addr()),
+            }
+        }
+        assert_healthy(&first).await;
+        first.shutdown().await;
     })
     .await;
 }
@@ -587,7 +623,8 @@ async fn a_half_closed_client_still_gets_its_reply() {
 }
 
 /// Ensure a server can be started and stopped again and again on the same fixed port,
-/// with clients served each time.
+/// with either threading model, with clients served each time: connections left in
+/// TIME_WAIT by the last round do not make the port busy.
 #[tokio::test]
 async fn repeated_start_and_stop_on_a_fixed_port() {
     bounded(async {
@@ -596,8 +633,13 @@ async fn repeated_start_and_stop_on_a_fixed_port() {
             probe.local_addr().unwrap().port()
         };
         for round in 0..20 {
+            let threading = match round % 4 {
+                0 | 1 => Threading::Shared,
+                _ => Threading::PerCore(2),
+            };
             let server = Server::builder()
                 .port(port)
+                .threading(threading)
                 .protocol::<Echo>()
                 .start()
                 .await
