@@ -33,13 +33,7 @@ pub(crate) fn bind(
     backlog: u32,
     reuse_port: bool,
 ) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(IpProtocol::TCP),
-    )?;
-    // Lets a restarted server bind at once while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
+    let socket = tcp_socket(addr)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
@@ -55,18 +49,24 @@ pub(crate) fn bind(
 /// the same user on that port, and silently take part of its connections: this plain
 /// bind fails instead, as any server's would.
 pub(crate) fn free_address(addr: SocketAddr) -> io::Result<SocketAddr> {
-    let probe = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(IpProtocol::TCP),
-    )?;
-    // Connections of an earlier server in TIME_WAIT do not make the port busy.
-    probe.set_reuse_address(true)?;
+    let probe = tcp_socket(addr)?;
     probe.bind(&addr.into())?;
     probe
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("not an internet address"))
+}
+
+/// A TCP socket for `addr` that may bind while connections of an earlier server on the
+/// same address sit in TIME_WAIT.
+fn tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(IpProtocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    Ok(socket)
 }
 
 /// Whether the acceptors accept: shared by every accept loop of a server and its handle.

@@ -359,19 +359,11 @@ async fn start_per_core<H: Handler>(
 ) -> Result<SocketAddr, Error> {
     // A free port is settled first (0 picks one); then every socket joins it.
     let addr = listener::free_address(addr).map_err(|source| Error::Bind { addr, source })?;
-    let first =
-        listener::bind(addr, backlog, true).map_err(|source| Error::Bind { addr, source })?;
-    let local_addr = first
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
-    let bind_error = |source| Error::Bind {
-        addr: local_addr,
-        source,
-    };
-    let mut sockets = vec![first];
-    for _ in 1..threads {
-        sockets.push(listener::bind(local_addr, backlog, true).map_err(bind_error)?);
-    }
+    let bind_error = |source| Error::Bind { addr, source };
+    let sockets = (0..threads)
+        .map(|_| listener::bind(addr, backlog, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bind_error)?;
     for (index, socket) in sockets.into_iter().enumerate() {
         let (ready, started) = tokio::sync::oneshot::channel();
         let (connections, handler) = (Arc::clone(connections), Arc::clone(handler));
@@ -417,7 +409,7 @@ async fn start_per_core<H: Handler>(
             }
         }
     }
-    Ok(local_addr)
+    Ok(addr)
 }
 
 /// A running server. Clones control the same server; dropping every handle leaves it
