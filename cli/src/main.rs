@@ -16,6 +16,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "linedancer", version)]
 struct Cli {
+    /// Log more: -v adds each connection's open and close (debug), -vv everything
+    /// (trace). RUST_LOG, when set, chooses instead (such as RUST_LOG=linedancer=debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,9 +46,15 @@ fn main() -> ExitCode {
             };
         }
     };
+    // By default: start, stop, and what went wrong; not a line per connection.
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

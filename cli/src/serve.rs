@@ -2,12 +2,11 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use linedancer::examples::{Chat, Echo, Gateway, Handshake, LineEcho};
-use linedancer::{Server, ServerHandle, ShutdownReport, Threading};
-use tokio::signal::unix::{signal, SignalKind};
+use linedancer::examples::{Chat, Echo, Gateway, Handshake, LineEcho, Rooms};
+use linedancer::{Server, ServerHandle, Service, Threading};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
@@ -23,13 +22,16 @@ pub struct ServeArgs {
     /// several, which clients are sent to in turn.
     #[arg(long = "upstream", value_name = "HOST:PORT")]
     upstreams: Vec<String>,
-    /// The IP address to listen on.
+    /// The address to listen on: an IP address (127.0.0.1, ::1 or [::1]), localhost,
+    /// or HOST:PORT such as [::1]:7000 (then without --port).
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     bind: String,
-    /// The port to listen on; 0 picks a free one.
-    #[arg(long, default_value_t = linedancer::DEFAULT_PORT, value_name = "N")]
-    port: u16,
-    /// How connections are spread over threads.
+    /// The port to listen on (default 7000); 0 picks a free one.
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// How connections are spread over threads. The command runs per-core by default,
+    /// as it owns the process; the library's default is to run on the caller's runtime
+    /// (work-stealing here).
     #[arg(long, value_enum, default_value_t = Model::PerCore)]
     threading: Model,
     /// Threads serving connections; default: one per core this process may use.
@@ -76,15 +78,18 @@ pub enum ServeError {
     /// The protocol name is not one of [`PROTOCOLS`].
     #[error("unknown protocol '{0}' (expected one of: {list})", list = PROTOCOLS.join(", "))]
     UnknownProtocol(String),
-    /// `--bind` is not an IP address.
-    #[error("invalid bind address '{0}': expected an IP address such as 127.0.0.1 or ::1")]
+    /// `--bind` is not an IP address, nor HOST:PORT.
+    #[error(
+        "invalid bind address '{0}': expected an IP address such as 127.0.0.1 or ::1, \
+         or HOST:PORT such as [::1]:7000"
+    )]
     BadAddress(String),
+    /// `--bind HOST:PORT` and `--port` both.
+    #[error("--bind {0} names a port already; drop --port")]
+    PortTwice(String),
     /// The server did not start.
     #[error(transparent)]
     Start(#[from] linedancer::Error),
-    /// The signal handlers could not be installed.
-    #[error("cannot install the signal handlers: {0}")]
-    Signals(io::Error),
     /// `--threads 0`.
     #[error("invalid --threads 0: needs at least 1 thread")]
     NoThreads,
@@ -145,22 +150,15 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     if !PROTOCOLS.contains(&args.protocol.as_str()) {
         return Err(ServeError::UnknownProtocol(args.protocol));
     }
-    let ip = match args.bind.as_str() {
-        "localhost" => IpAddr::from([127, 0, 0, 1]),
-        other => other
-            .parse()
-            .map_err(|_| ServeError::BadAddress(args.bind.clone()))?,
-    };
+    let address = listen_address(&args.bind, args.port)?;
     if args.protocol != "gateway" && !args.upstreams.is_empty() {
         return Err(ServeError::UpstreamNotGateway {
             upstream: args.upstreams[0].clone(),
             protocol: args.protocol,
         });
     }
-    let mut signals = Signals::new().map_err(ServeError::Signals)?;
     let mut builder = Server::builder()
-        .bind(ip)
-        .port(args.port)
+        .address(address)
         .threading(threading)
         .max_connections(args.max_connections)
         .drain_timeout(*args.drain_timeout)
@@ -170,24 +168,50 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     if let Some(timeout) = args.idle_timeout {
         builder = builder.idle_timeout(*timeout);
     }
-    let server = match args.protocol.as_str() {
-        "echo" => builder.protocol::<Echo>().start().await?,
-        "handshake" => builder.protocol::<Handshake>().start().await?,
-        "line-echo" => builder.protocol::<LineEcho>().start().await?,
-        "chat" => builder.protocol::<Chat>().start().await?,
-        "gateway" => {
-            builder
-                .handler(gateway(&args.upstreams).await?)
-                .start()
-                .await?
+    match args.protocol.as_str() {
+        "echo" => until_signal(builder.protocol::<Echo>()).await,
+        "handshake" => until_signal(builder.protocol::<Handshake>()).await,
+        "line-echo" => until_signal(builder.protocol::<LineEcho>()).await,
+        "chat" => {
+            let rooms = Arc::new(Rooms::default());
+            until_signal(builder.state(rooms).protocol::<Chat>()).await
         }
-        _ => return Err(ServeError::UnknownProtocol(args.protocol)),
-    };
-    eprintln!("listening on {}", server.local_addr());
+        "gateway" => until_signal(builder.handler(gateway(&args.upstreams).await?)).await,
+        _ => Err(ServeError::UnknownProtocol(args.protocol)),
+    }
+}
 
-    signals.next().await;
-    info!("shutting down; a second signal closes every connection at once");
-    let report = stop(&server, &mut signals).await;
+/// Where `--bind` and `--port` say to listen, as `HOST:PORT` text for the builder.
+fn listen_address(bind: &str, port: Option<u16>) -> Result<String, ServeError> {
+    let ip_text = (bind.strip_prefix('['))
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(bind);
+    let ip = match ip_text {
+        "localhost" => Some(IpAddr::from([127, 0, 0, 1])),
+        other => other.parse::<IpAddr>().ok(),
+    };
+    if let Some(ip) = ip {
+        let port = port.unwrap_or(linedancer::DEFAULT_PORT);
+        return Ok(SocketAddr::new(ip, port).to_string());
+    }
+    match bind.rsplit_once(':') {
+        Some((host, given)) if !host.is_empty() && given.parse::<u16>().is_ok() => {
+            if port.is_some() {
+                return Err(ServeError::PortTwice(bind.to_owned()));
+            }
+            Ok(bind.to_owned())
+        }
+        _ => Err(ServeError::BadAddress(bind.to_owned())),
+    }
+}
+
+/// Starts the server, says where it listens, serves until a signal, and logs what the
+/// shutdown did and the final counters.
+async fn until_signal<H: Service>(builder: linedancer::Builder<H>) -> Result<(), ServeError> {
+    let server: ServerHandle<H::Message> = builder.start().await?;
+    let stopped = server.run_until_signal()?;
+    eprintln!("listening on {}", server.local_addr());
+    let report = stopped.await;
     info!(
         drained = report.drained,
         force_closed = report.force_closed,
@@ -228,40 +252,4 @@ async fn gateway(upstreams: &[String]) -> Result<Gateway, ServeError> {
         addrs.push(*addr);
     }
     Ok(Gateway::new(addrs)?)
-}
-
-/// Drains the server, cutting the drain short on another signal.
-async fn stop(server: &ServerHandle, signals: &mut Signals) -> ShutdownReport {
-    tokio::select! {
-        report = server.shutdown() => report,
-        () = signals.next() => {
-            info!("second signal: closing every connection now");
-            // Reports for the whole shutdown, the cut-short drain included.
-            server.shutdown_with_timeout(Duration::ZERO).await
-        }
-    }
-}
-
-/// SIGINT (Ctrl-C) and SIGTERM, installed before the server starts so that none is
-/// missed.
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> io::Result<Self> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    /// Waits for the next signal of either kind.
-    async fn next(&mut self) {
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
-    }
 }

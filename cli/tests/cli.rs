@@ -7,8 +7,8 @@ use tokio::net::TcpStream;
 
 use common::{fails, serve, TEST_TIMEOUT};
 
-/// Ensure `serve echo --port 0` reports its real port, echoes, logs the connection, and
-/// exits 0 on SIGTERM.
+/// Ensure `serve echo --port 0` reports its real port, echoes, logs its start and stop
+/// but not the connection (at the default level), and exits 0 on SIGTERM.
 #[tokio::test]
 async fn serve_talk_and_stop_with_sigterm() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -30,9 +30,64 @@ async fn serve_talk_and_stop_with_sigterm() {
         let status = server.child.wait().await.unwrap();
         assert_eq!(status.code(), Some(0));
         let log = server.log.rest().await;
-        assert!(log.contains("connection accepted"), "{log}");
+        assert!(!log.contains("connection accepted"), "{log}");
+        assert!(!log.contains("connection closed"), "{log}");
         assert!(log.contains("server stopped"), "{log}");
+        assert!(log.contains("final stats"), "{log}");
         assert!(!log.contains("panicked"), "{log}");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Ensure `-v` logs each connection's opening and closing, with its id, peer and
+/// reason.
+#[tokio::test]
+async fn verbose_logs_each_connection() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut server = serve(&["-v", "serve", "echo", "--port", "0"]).await;
+        let client = TcpStream::connect(&server.addr).await.unwrap();
+        let peer = client.local_addr().unwrap().to_string();
+        let accepted = server.log.wait_for("connection accepted").await;
+        assert!(accepted.contains(&format!("peer={peer}")), "{accepted}");
+        drop(client);
+        let closed = server.log.wait_for("connection closed").await;
+        assert!(closed.contains("reason=peer closed"), "{closed}");
+        server.signal(libc::SIGTERM);
+        assert_eq!(server.child.wait().await.unwrap().code(), Some(0));
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Ensure `serve --bind` takes IPv6 as an address, in brackets, or as HOST:PORT, and
+/// that a port given twice is refused.
+#[tokio::test]
+async fn serve_listens_on_ipv6() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        for args in [
+            &["serve", "echo", "--bind", "::1", "--port", "0"][..],
+            &["serve", "echo", "--bind", "[::1]", "--port", "0"],
+            &["serve", "echo", "--bind", "[::1]:0"],
+        ] {
+            let server = serve(args).await;
+            assert!(
+                server.addr.starts_with("[::1]:"),
+                "{args:?}: {}",
+                server.addr
+            );
+            let mut client = TcpStream::connect(&server.addr).await.unwrap();
+            client.write_all(b"over IPv6").await.unwrap();
+            let mut reply = [0; 9];
+            client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(&reply, b"over IPv6");
+        }
+        let (code, stderr) = fails(&["serve", "echo", "--bind", "[::1]:0", "--port", "1"]).await;
+        assert_eq!(code, 1);
+        assert_eq!(
+            stderr,
+            "error: --bind [::1]:0 names a port already; drop --port\n"
+        );
     })
     .await
     .expect("bounded");
@@ -123,7 +178,15 @@ async fn bad_arguments_exit_1() {
     assert_eq!(code, 1);
     assert_eq!(
         stderr,
-        "error: invalid bind address '300.0.0.1': expected an IP address such as 127.0.0.1 or ::1\n"
+        "error: invalid bind address '300.0.0.1': expected an IP address such as 127.0.0.1 \
+         or ::1, or HOST:PORT such as [::1]:7000\n"
+    );
+
+    let (code, stderr) = fails(&["serve", "echo", "--bind", "no.such.host.invalid:7000"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("error: invalid address 'no.such.host.invalid:7000': "),
+        "{stderr}"
     );
 }
 

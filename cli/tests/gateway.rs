@@ -22,7 +22,8 @@ async fn through(addr: &str, message: &[u8]) -> Vec<u8> {
 
 /// Ensure `serve gateway` relays to its upstreams in turn (one given as
 /// `localhost:PORT`), closes a client whose upstream is down and logs why, naming the
-/// upstream, and exits 0 on SIGTERM.
+/// upstream (at the default level) and why the client's connection ended (with `-v`),
+/// and exits 0 on SIGTERM.
 #[tokio::test]
 async fn serve_gateway_relays_to_its_upstreams_in_turn() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -35,6 +36,7 @@ async fn serve_gateway_relays_to_its_upstreams_in_turn() {
             .unwrap()
             .to_string();
         let mut gateway = serve(&[
+            "-v",
             "serve",
             "gateway",
             "--port",

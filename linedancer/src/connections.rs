@@ -6,14 +6,14 @@
 //! the connection task with a [`Slot`] guard whose drop frees it and lowers the count,
 //! however the task ends.
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
 use std::fmt;
 use std::future::poll_fn;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -25,15 +25,14 @@ use futures_util::future::CatchUnwind;
 use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
 use pin_project_lite::pin_project;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
-use crate::handler::Handler;
-use crate::protocol::CloseReason;
+use crate::close::CloseReason;
 use crate::stats::{ByteCounts, Bytes, Counters, Stats};
+use crate::transport::Address;
 
 /// A connection's id: unique within one server, in accept order, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,29 +45,42 @@ impl fmt::Display for ConnectionId {
 }
 
 /// What a connection task knows about its connection, and how the server tells it to
-/// finish. Handed to [`Handler::handle`].
-#[derive(Debug)]
-pub struct Connection {
+/// finish. Handed to [`Handler::handle`](crate::Handler::handle).
+///
+/// `M` is the type of message its mailbox takes: a protocol's
+/// [`Message`](crate::Protocol::Message) for the protocol driver, and [`Infallible`]
+/// (no mailbox) for a raw handler.
+pub struct Connection<M = Infallible> {
     id: ConnectionId,
-    local_addr: SocketAddr,
-    shared: Arc<Shared>,
-    connections: Arc<Connections>,
+    local_addr: Address,
+    shared: Arc<Shared<M>>,
+    connections: Arc<Connections<M>>,
 }
 
-impl Connection {
+impl<M> fmt::Debug for Connection<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("peer_addr", &self.shared.peer_addr)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> Connection<M> {
     /// The connection's id, unique within the server.
     pub fn id(&self) -> ConnectionId {
         self.id
     }
 
     /// The peer's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.shared.peer_addr
+    pub fn peer_addr(&self) -> &Address {
+        &self.shared.peer_addr
     }
 
     /// The local address the peer connected to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    pub fn local_addr(&self) -> &Address {
+        &self.local_addr
     }
 
     /// The server's per-connection limits, which the protocol driver enforces and a raw
@@ -140,7 +152,7 @@ impl Connection {
     }
 
     /// Takes the messages waiting in the mailbox, oldest first.
-    pub(crate) fn take_mail(&self) -> VecDeque<Box<dyn Any + Send>> {
+    pub(crate) fn take_mail(&self) -> VecDeque<M> {
         // Lowered first: a message sent meanwhile raises it again.
         self.shared.signal.lower(MAIL);
         std::mem::take(&mut *lock(&self.shared.mailbox))
@@ -152,7 +164,7 @@ impl Connection {
     }
 
     /// The connection set, to message and group other connections.
-    pub(crate) fn connections(&self) -> &Connections {
+    pub(crate) fn connections(&self) -> &Connections<M> {
         &self.connections
     }
 }
@@ -178,7 +190,7 @@ pub struct ConnectionInfo {
     /// The connection's id.
     pub id: ConnectionId,
     /// The peer's address.
-    pub peer_addr: SocketAddr,
+    pub peer_addr: Address,
     /// The protocol's state name ([`Protocol::state_name`](crate::Protocol::state_name));
     /// empty for a raw handler.
     pub state: &'static str,
@@ -201,11 +213,6 @@ pub enum SendError {
     /// is closed ([`CloseReason::MailboxOverflow`]).
     #[error("the mailbox of connection {0} is full; it is being closed")]
     MailboxFull(ConnectionId),
-    /// The message is not of the type the server's protocol takes
-    /// ([`Protocol::Message`](crate::Protocol::Message)), or the server runs a raw
-    /// handler, which has no mailbox.
-    #[error("this server's connections do not take messages of type {0}")]
-    WrongType(&'static str),
 }
 
 /// The limits every connection of a server runs under; see the [`Builder`] methods of
@@ -227,24 +234,23 @@ pub struct Limits {
 }
 
 /// What a connection's task shares with the connection set.
-#[derive(Debug)]
-struct Shared {
+struct Shared<M> {
     signal: Signal,
     bytes: ByteCounts,
     /// Set by the protocol driver as the connection ends.
     reason: Mutex<Option<CloseReason>>,
     /// Messages not yet taken by the connection's task; no allocation while empty.
-    mailbox: Mutex<VecDeque<Box<dyn Any + Send>>>,
-    peer_addr: SocketAddr,
+    mailbox: Mutex<VecDeque<M>>,
+    peer_addr: Address,
     since: SystemTime,
     /// The protocol's state name, for listings.
     state: Mutex<&'static str>,
 }
 
-impl Shared {
+impl<M> Shared<M> {
     /// Puts `message` in the mailbox, unless it already holds `capacity`: then the
     /// connection is told to close instead.
-    fn post(&self, message: Box<dyn Any + Send>, capacity: usize) -> bool {
+    fn post(&self, message: M, capacity: usize) -> bool {
         let mut mailbox = lock(&self.mailbox);
         if mailbox.len() >= capacity {
             drop(mailbox);
@@ -261,7 +267,7 @@ impl Shared {
         let bytes = self.bytes.get();
         ConnectionInfo {
             id,
-            peer_addr: self.peer_addr,
+            peer_addr: self.peer_addr.clone(),
             state: *lock(&self.state),
             since: self.since,
             bytes_in: bytes.read,
@@ -350,9 +356,9 @@ impl Signal {
     }
 }
 
-/// The connection set shared by the acceptor, the connection tasks and the handle.
-#[derive(Debug)]
-pub(crate) struct Connections {
+/// The connection set shared by the acceptor, the connection tasks and the handle;
+/// `M` is the type of message the mailboxes take.
+pub(crate) struct Connections<M> {
     next_id: AtomicU64,
     /// Free slots: one permit per connection that may still be accepted.
     slots: Arc<Semaphore>,
@@ -364,14 +370,11 @@ pub(crate) struct Connections {
     /// The live count.
     count: Count,
     /// The live connections, to drain or close them all.
-    live: Mutex<HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>>,
+    live: Mutex<HashMap<ConnectionId, Live<M>, BuildHasherDefault<IdHasher>>>,
     /// The [`Signal`] bits raised for every connection so far, so that a connection
     /// that registers late still gets them.
     raised: AtomicU8,
     limits: Limits,
-    /// The type of message the connections' mailboxes take, with its name; `None` for
-    /// a raw handler, whose connections have no mailbox.
-    message_type: Option<(TypeId, &'static str)>,
     /// The members of each group. Whoever needs both locks takes `live`'s first.
     groups: Mutex<HashMap<Arc<str>, HashSet<ConnectionId>>>,
     counters: Counters,
@@ -452,9 +455,8 @@ impl Hasher for IdHasher {
 }
 
 /// What the set keeps of a live connection.
-#[derive(Debug)]
-struct Live {
-    shared: Arc<Shared>,
+struct Live<M> {
+    shared: Arc<Shared<M>>,
     /// Its task, to end a handler that ignores the signal; set just after the spawn.
     task: Option<AbortHandle>,
     /// The groups it has joined.
@@ -462,13 +464,12 @@ struct Live {
 }
 
 /// A free slot held by the acceptor while it accepts; dropping it gives the slot back.
-#[derive(Debug)]
-pub(crate) struct Reservation<'a> {
-    connections: &'a Connections,
+pub(crate) struct Reservation<'a, M> {
+    connections: &'a Connections<M>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Drop for Reservation<'_> {
+impl<M> Drop for Reservation<'_, M> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
             self.connections.release(permit);
@@ -479,23 +480,22 @@ impl Drop for Reservation<'_> {
 /// A connection's claim on a slot. Dropping it frees the slot, lowers the count and
 /// counts the close, for the reason set in `reason` or, if none was (the task was
 /// ended), [`CloseReason::Shutdown`].
-#[derive(Debug)]
-struct Slot {
+struct Slot<M> {
     id: ConnectionId,
-    connections: Arc<Connections>,
-    shared: Arc<Shared>,
+    connections: Arc<Connections<M>>,
+    shared: Arc<Shared<M>>,
     permit: Option<OwnedSemaphorePermit>,
     reason: Option<CloseReason>,
 }
 
-impl Drop for Slot {
+impl<M> Drop for Slot<M> {
     fn drop(&mut self) {
         let connections = &self.connections;
         let live = connections.live().remove(&self.id);
         if let Some(live) = live.filter(|live| !live.groups.is_empty()) {
             let mut groups = lock(&connections.groups);
             for group in &live.groups {
-                Connections::left(&mut groups, group, self.id);
+                Connections::<M>::left(&mut groups, group, self.id);
             }
         }
         let reason = self.reason.take().unwrap_or(CloseReason::Shutdown);
@@ -509,7 +509,7 @@ impl Drop for Slot {
     }
 }
 
-impl Slot {
+impl<M> Slot<M> {
     /// The connection's handler has returned, or panicked: logs why the connection
     /// ended, in its span, for the drop to count.
     fn end(&mut self, served: Result<io::Result<()>, Box<dyn Any + Send>>) {
@@ -524,7 +524,7 @@ impl Slot {
         if let CloseReason::Panic(_) = reason {
             warn!("connection closed");
         } else {
-            info!("connection closed");
+            debug!("connection closed");
         }
         self.reason = Some(reason);
     }
@@ -534,14 +534,14 @@ pin_project! {
     /// A connection's task: its handler's future, with panics caught, and its slot,
     /// which the task drops however it ends. A named future rather than an `async`
     /// block, so that the task holds the handler's future once.
-    struct ConnectionTask<F> {
+    struct ConnectionTask<F, M> {
         #[pin]
         served: CatchUnwind<AssertUnwindSafe<F>>,
-        slot: Slot,
+        slot: Slot<M>,
     }
 }
 
-impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
+impl<F: Future<Output = io::Result<()>>, M> Future for ConnectionTask<F, M> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -552,12 +552,18 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
     }
 }
 
-impl Connections {
-    pub(crate) fn new(
-        max_connections: usize,
-        limits: Limits,
-        message_type: Option<(TypeId, &'static str)>,
-    ) -> Arc<Self> {
+impl<M> fmt::Debug for Connections<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connections")
+            .field("open", &self.count())
+            .field("max", &self.max())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> Connections<M> {
+    pub(crate) fn new(max_connections: usize, limits: Limits) -> Arc<Self> {
         Arc::new(Connections {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(max_connections)),
@@ -567,7 +573,6 @@ impl Connections {
             live: Mutex::new(HashMap::default()),
             raised: AtomicU8::new(0),
             limits,
-            message_type,
             groups: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
@@ -575,7 +580,7 @@ impl Connections {
     }
 
     /// Waits for a free slot, to hold while accepting.
-    pub(crate) async fn reserve(&self) -> Reservation<'_> {
+    pub(crate) async fn reserve(&self) -> Reservation<'_, M> {
         let permit = Arc::clone(&self.slots)
             .acquire_owned()
             .await
@@ -624,23 +629,28 @@ impl Connections {
         *max = new;
     }
 
-    /// Runs `handler` on an accepted socket in a task of its own, inside a span that
-    /// carries the connection id, peer address, state and close reason.
-    pub(crate) fn spawn<H: Handler>(
+    /// Runs `serve` on a new connection in a task of its own, inside a span that
+    /// carries the connection id, peer address, state and close reason; returns the
+    /// connection's id.
+    pub(crate) fn spawn<F, S>(
         self: &Arc<Self>,
-        mut reservation: Reservation<'_>,
-        stream: TcpStream,
-        peer_addr: SocketAddr,
-        local_addr: SocketAddr,
-        handler: Arc<H>,
-    ) {
+        mut reservation: Reservation<'_, M>,
+        peer_addr: Address,
+        local_addr: Address,
+        serve: F,
+    ) -> ConnectionId
+    where
+        F: FnOnce(Connection<M>) -> S + Send + 'static,
+        S: Future<Output = io::Result<()>> + Send + 'static,
+        M: Send + 'static,
+    {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
             signal: Signal::default(),
             bytes: ByteCounts::default(),
             reason: Mutex::new(None),
             mailbox: Mutex::new(VecDeque::new()),
-            peer_addr,
+            peer_addr: peer_addr.clone(),
             since: SystemTime::now(),
             state: Mutex::new(""),
         });
@@ -675,12 +685,11 @@ impl Connections {
             state = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
-        span.in_scope(|| info!("connection accepted"));
+        span.in_scope(|| debug!("connection accepted"));
         // The handler is called in the task, so that a panic while making its future is
         // caught like one while polling it.
         let task = ConnectionTask {
-            served: AssertUnwindSafe(async move { handler.handle(stream, connection).await })
-                .catch_unwind(),
+            served: AssertUnwindSafe(async move { serve(connection).await }).catch_unwind(),
             slot,
         };
         let task = self.tasks.spawn(task.instrument(span)).abort_handle();
@@ -688,6 +697,7 @@ impl Connections {
         if let Some(live) = self.live().get_mut(&id) {
             live.task = Some(task);
         }
+        id
     }
 
     /// The number of live connections.
@@ -719,20 +729,8 @@ impl Connections {
         )
     }
 
-    /// Checks that the connections take messages of type `M`.
-    pub(crate) fn check_type<M: 'static>(&self) -> Result<(), SendError> {
-        match self.message_type {
-            Some((type_id, _)) if type_id == TypeId::of::<M>() => Ok(()),
-            _ => Err(SendError::WrongType(std::any::type_name::<M>())),
-        }
-    }
-
-    /// Puts a message in the mailbox of connection `to`; its type has been checked.
-    pub(crate) fn post(
-        &self,
-        to: ConnectionId,
-        message: Box<dyn Any + Send>,
-    ) -> Result<(), SendError> {
+    /// Puts a message in the mailbox of connection `to`.
+    pub(crate) fn post(&self, to: ConnectionId, message: M) -> Result<(), SendError> {
         let shared = match self.live().get(&to) {
             Some(live) => Arc::clone(&live.shared),
             None => return Err(SendError::NotOpen(to)),
@@ -749,7 +747,7 @@ impl Connections {
     pub(crate) fn broadcast(
         &self,
         group: &str,
-        make: &dyn Fn() -> Box<dyn Any + Send>,
+        make: &dyn Fn() -> M,
         except: Option<ConnectionId>,
     ) -> usize {
         // One lock at a time: `join` and `leave` take the live map's, then the
@@ -762,7 +760,7 @@ impl Connections {
                 .collect(),
             None => return 0,
         };
-        let members: Vec<Arc<Shared>> = {
+        let members: Vec<Arc<Shared<M>>> = {
             let live = self.live();
             (ids.iter())
                 .filter_map(|id| Some(Arc::clone(&live.get(id)?.shared)))
@@ -850,7 +848,7 @@ impl Connections {
             .filter_map(|(id, live)| Some((*id, live.task.clone()?)))
             .collect();
         for (id, task) in stubborn {
-            info!(
+            debug!(
                 id = id.0,
                 "connection closed: server shutdown, its handler ignored it"
             );
@@ -867,7 +865,7 @@ impl Connections {
     }
 
     /// The live connections.
-    fn live(&self) -> MutexGuard<'_, HashMap<ConnectionId, Live, BuildHasherDefault<IdHasher>>> {
+    fn live(&self) -> MutexGuard<'_, HashMap<ConnectionId, Live<M>, BuildHasherDefault<IdHasher>>> {
         lock(&self.live)
     }
 

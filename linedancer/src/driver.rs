@@ -1,4 +1,4 @@
-//! The default client handler: runs a [`Protocol`] over a socket.
+//! The default client handler: runs a [`Protocol`] over a stream.
 //!
 //! One task per connection reads into a reused buffer, lets the session decode every
 //! complete frame and call the protocol for each, then writes all the replies of that
@@ -10,21 +10,24 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tracing::field::display;
 use tracing::Span;
 
+use crate::close::CloseReason;
 use crate::connections::{Connection, Event};
-use crate::handler::Handler;
-use crate::protocol::{CloseReason, Effect, Peer, Protocol, Session, Timer};
+use crate::handler::{sealed, Service};
+use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
 use crate::stats::Bytes;
+use crate::transport::Stream;
 
 /// Bytes reserved in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -36,55 +39,77 @@ const LINGER_TIME: Duration = Duration::from_secs(1);
 /// How much unread input is drained at most after the protocol closes.
 const LINGER_BYTES: usize = 256 * 1024;
 
-/// The [`Handler`] that serves a [`Protocol`]: what
+/// The [`Service`] that serves a [`Protocol`] with the application state `S`: what
 /// [`Builder::protocol`](crate::Builder::protocol) installs.
-pub struct Driver<P: Protocol> {
+pub struct Driver<P: Protocol<S>, S = ()> {
     /// Cloned for every connection, so that each gets a fresh codec.
     codec: P::Codec,
+    state: Arc<S>,
     _protocol: PhantomData<fn() -> P>,
 }
 
-impl<P: Protocol> Driver<P> {
-    /// A driver whose connections frame their bytes with clones of `codec`.
-    pub fn new(codec: P::Codec) -> Self {
+impl<P: Protocol<S>, S> Driver<P, S> {
+    /// A driver whose connections frame their bytes with clones of `codec`, and whose
+    /// callbacks see `state`.
+    pub fn new(codec: P::Codec, state: Arc<S>) -> Self {
         Driver {
             codec,
+            state,
             _protocol: PhantomData,
         }
     }
 }
 
-impl<P> Handler for Driver<P>
+impl<P: Protocol<S>, S> std::fmt::Debug for Driver<P, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("protocol", &std::any::type_name::<P>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Protocol<S>, S> sealed::Sealed for Driver<P, S> {}
+
+impl<P, S> Service for Driver<P, S>
 where
-    P: Protocol,
+    P: Protocol<S>,
     P::Codec: Clone + Sync,
+    S: Send + Sync + 'static,
 {
-    // Not an `async fn`: its future would hold the socket and the connection a second
+    type Message = P::Message;
+
+    // Not an `async fn`: its future would hold the stream and the connection a second
     // time beside the driver's own.
-    fn handle(
+    fn serve<T: Stream>(
         &self,
-        stream: TcpStream,
-        conn: Connection,
+        stream: T,
+        conn: Connection<P::Message>,
     ) -> impl Future<Output = io::Result<()>> + Send {
-        drive::<P>(stream, self.codec.clone(), conn)
+        drive::<P, S, T>(stream, self.codec.clone(), Arc::clone(&self.state), conn)
     }
 }
 
 /// Serves one connection until it closes, and records why; the reason is the close's
 /// whole story, so this never fails.
-async fn drive<P: Protocol>(
-    mut stream: TcpStream,
+async fn drive<P, S, T>(
+    mut stream: T,
     codec: P::Codec,
-    conn: Connection,
-) -> io::Result<()> {
+    state: Arc<S>,
+    conn: Connection<P::Message>,
+) -> io::Result<()>
+where
+    P: Protocol<S>,
+    S: Send + Sync + 'static,
+    T: Stream,
+{
     let span = Span::current();
     let limits = conn.limits();
     let peer = Peer {
         id: conn.id(),
-        peer_addr: conn.peer_addr(),
-        local_addr: conn.local_addr(),
+        peer_addr: conn.peer_addr().clone(),
+        local_addr: conn.local_addr().clone(),
     };
-    let mut session = Session::<P>::connect(codec, peer, limits.max_output);
+    let mut session = Session::<P, S>::connect(codec, peer, state, limits.max_output);
     let mut state = session.state_name();
     span.record("state", display(state));
     conn.record_state(state);
@@ -93,6 +118,8 @@ async fn drive<P: Protocol>(
     let mut spawned: Option<JoinSet<P::Message>> = None;
 
     let mut bytes = Bytes::default();
+    // Replies wait to be written, or were written and are not yet flushed (TLS).
+    let mut unflushed = false;
     let mut draining = false;
     // The waker registered for events, so that it is not registered on every wake-up.
     let mut registered = None;
@@ -116,25 +143,25 @@ async fn drive<P: Protocol>(
                 carry_out(effect, &conn, &mut spawned);
             }
         }
-        if !session.output.is_empty() {
+        if !session.output.is_empty() || unflushed {
             // Most replies fit in the socket buffer: write them at once, and wait for
-            // the peer only when some are left.
-            let written = match stream.try_write(&session.output) {
-                // Cleared, not advanced, when all went: the buffer keeps its full room.
-                Ok(n) if n == session.output.len() => {
-                    session.output.clear();
-                    n
-                }
-                Ok(n) => {
-                    session.output.advance(n);
-                    n
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => break Some(CloseReason::from_io(&e)),
+            // the peer only when some are left. No waker is registered here; the
+            // select below registers one if the stream cannot take them all.
+            let (written, sent) = poll_send(
+                &mut stream,
+                &mut session.output,
+                &mut Context::from_waker(Waker::noop()),
+            );
+            unflushed = match sent {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(e)) => break Some(CloseReason::from_io(&e)),
+                Poll::Pending => true,
             };
-            bytes.written += written as u64;
-            conn.record_bytes(bytes.read, bytes.written);
-            if !session.output.is_empty() && (!sending || written > 0) {
+            if written > 0 {
+                bytes.written += written as u64;
+                conn.record_bytes(bytes.read, bytes.written);
+            }
+            if unflushed && (!sending || written > 0) {
                 let deadline = Instant::now() + limits.send_timeout;
                 match &mut send_timer {
                     Some(sleep) => sleep.as_mut().reset(deadline),
@@ -145,7 +172,7 @@ async fn drive<P: Protocol>(
         }
         // Replies still waiting for the peer, in bytes.
         let waiting = session.output.len();
-        let pending = waiting > 0;
+        let pending = unflushed;
         if !pending {
             if sending {
                 sending = false;
@@ -194,10 +221,7 @@ async fn drive<P: Protocol>(
                 }
                 Event::Mail => {
                     for message in conn.take_mail() {
-                        // The type was checked by the sender.
-                        if let Ok(message) = message.downcast::<P::Message>() {
-                            session.message(*message);
-                        }
+                        session.message(message);
                     }
                 }
             },
@@ -205,7 +229,15 @@ async fn drive<P: Protocol>(
             // reading is held back, and meets the send timeout if it never reads.
             io = poll_fn(|cx| {
                 if pending {
-                    return stream.poll_write_ready(cx).map(Io::Writable);
+                    // Ready once some replies went (the top of the loop counts them
+                    // and writes the rest) or the stream failed.
+                    return match poll_send(&mut stream, &mut session.output, cx) {
+                        (0, Poll::Pending) => Poll::Pending,
+                        (written, Poll::Pending) => Poll::Ready(Io::Sent(written, Ok(false))),
+                        (written, Poll::Ready(done)) => {
+                            Poll::Ready(Io::Sent(written, done.map(|()| true)))
+                        }
+                    };
                 }
                 // A waiting connection holds no read buffer: the one taken for a read
                 // that would block goes back to the pool at once, and so does a large
@@ -218,8 +250,14 @@ async fn drive<P: Protocol>(
                 }
                 read.map(Io::Read)
             }) => match io {
-                // Written at the top of the loop.
-                Io::Writable(Ok(())) => {}
+                Io::Sent(written, done) => {
+                    bytes.written += written as u64;
+                    conn.record_bytes(bytes.read, bytes.written);
+                    match done {
+                        Ok(done) => unflushed = !done,
+                        Err(e) => break Some(CloseReason::from_io(&e)),
+                    }
+                }
                 Io::Read(Ok(n)) => {
                     if n > 0 {
                         bytes.read += n as u64;
@@ -230,7 +268,7 @@ async fn drive<P: Protocol>(
                     }
                     session.decode(n == 0);
                 }
-                Io::Writable(Err(e)) | Io::Read(Err(e)) => break Some(CloseReason::from_io(&e)),
+                Io::Read(Err(e)) => break Some(CloseReason::from_io(&e)),
             },
             () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
                 armed = false;
@@ -279,29 +317,59 @@ async fn drive<P: Protocol>(
     Ok(())
 }
 
-/// What the socket is ready for: replies wait to be written, or none do and it was
-/// read.
+/// What happened on the stream: replies were written (all of them and flushed, with
+/// `Ok(true)`), or none waited and it was read.
 enum Io {
-    Writable(io::Result<()>),
+    Sent(usize, io::Result<bool>),
     Read(io::Result<usize>),
+}
+
+/// Writes as much of `output` as the stream takes now, then flushes it once all is
+/// written. Returns the bytes written, and `Ready(Ok(()))` once everything is written
+/// and flushed.
+fn poll_send<T: AsyncWrite + Unpin>(
+    stream: &mut T,
+    output: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> (usize, Poll<io::Result<()>>) {
+    let mut written = 0;
+    while !output.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, output) {
+            Poll::Ready(Ok(0)) => {
+                return (written, Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+            }
+            Poll::Ready(Ok(n)) => {
+                written += n;
+                // Cleared, not advanced, when all went: the buffer keeps its full room.
+                if n == output.len() {
+                    output.clear();
+                } else {
+                    output.advance(n);
+                }
+            }
+            Poll::Ready(Err(e)) => return (written, Poll::Ready(Err(e))),
+            Poll::Pending => return (written, Poll::Pending),
+        }
+    }
+    (written, Pin::new(stream).poll_flush(cx))
 }
 
 /// Carries out what a callback asked for away from its connection.
 fn carry_out<M: Send + 'static>(
     effect: Effect<M>,
-    conn: &Connection,
+    conn: &Connection<M>,
     spawned: &mut Option<JoinSet<M>>,
 ) {
     let connections = conn.connections();
     match effect {
         // A connection that has ended, or a full mailbox, is the receiver's business:
         // the sender goes on.
-        Effect::SendTo(to, message) => drop(connections.post(to, Box::new(message))),
+        Effect::SendTo(to, message) => drop(connections.post(to, message)),
         Effect::Broadcast {
             group,
             message,
             except,
-        } => drop(connections.broadcast(&group, &|| Box::new(message()), except)),
+        } => drop(connections.broadcast(&group, &*message, except)),
         Effect::Join(group) => connections.join(conn.id(), group),
         Effect::Leave(group) => connections.leave(conn.id(), &group),
         Effect::Spawn(work) => drop(spawned.get_or_insert_with(JoinSet::new).spawn(work)),
@@ -382,7 +450,7 @@ mod buffers {
 /// Closes our side and reads what the peer still sends, for a bounded time and amount,
 /// so that the kernel sends a FIN after our last reply rather than a reset that could
 /// destroy it.
-async fn linger(stream: &mut TcpStream, scratch: &mut BytesMut, conn: &Connection) {
+async fn linger<T: Stream, M>(stream: &mut T, scratch: &mut BytesMut, conn: &Connection<M>) {
     if stream.shutdown().await.is_err() {
         return;
     }

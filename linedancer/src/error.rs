@@ -1,9 +1,10 @@
-//! The errors of starting a server.
+//! The errors of starting and running a server.
 
 use std::io;
 use std::net::SocketAddr;
 
-/// Why a server could not start. The message names the value at fault.
+/// Why a server could not start, or could not do what it was asked. The message names
+/// the value at fault.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -16,6 +17,23 @@ pub enum Error {
         /// What the operating system said.
         source: io::Error,
     },
+    /// A listening address given as text ([`Builder::address`](crate::Builder::address))
+    /// is not `host:port`, or does not resolve.
+    #[error("invalid address '{value}': {source}")]
+    Address {
+        /// The text given.
+        value: String,
+        /// Why it is not an address.
+        source: io::Error,
+    },
+    /// The server is shutting down and takes no more connections
+    /// ([`ServerHandle::serve`](crate::ServerHandle::serve)).
+    #[error("the server is shutting down")]
+    Stopped,
+    /// The signal handlers could not be installed
+    /// ([`ServerHandle::run_until_signal`](crate::ServerHandle::run_until_signal)).
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(io::Error),
     /// A setting has a value the server cannot run with.
     #[error("invalid {setting} {value}: {reason}")]
     Config {

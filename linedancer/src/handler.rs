@@ -1,32 +1,37 @@
 //! The replaceable client handler: the low-level alternative to [`Protocol`] for users
 //! who want the raw stream (a proxy, a protocol with its own I/O loop), like the
-//! original's `{client_handler, M}` option.
+//! original's `{client_handler, M}` option; and [`Service`], what a server runs on each
+//! connection: a raw handler or a protocol's driver.
 //!
 //! [`Protocol`]: crate::Protocol
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 
-use tokio::net::TcpStream;
-
 use crate::connections::Connection;
+use crate::transport::Stream;
 
-/// Serves one connection, given its socket.
+/// Serves one connection, given its stream.
 ///
-/// The server calls [`handle`](Handler::handle) in a task of its own for every accepted
+/// The server calls [`handle`](Handler::handle) in a task of its own for every
 /// connection, inside a tracing span with the connection's id and peer. The connection
-/// ends when the future completes; an error is logged as the close reason.
+/// ends when the future completes; an error is logged as the close reason. The stream
+/// is whatever the connection runs over: a TCP socket from the server's listener, or
+/// any [`Stream`] handed to [`ServerHandle::serve`](crate::ServerHandle::serve).
+///
+/// A handler's own fields are its state, shared by every connection (the server holds
+/// it in an `Arc`).
 ///
 /// ```
-/// use linedancer::{Connection, Handler};
+/// use linedancer::{Connection, Handler, Stream};
 /// use tokio::io::AsyncWriteExt;
-/// use tokio::net::TcpStream;
 ///
 /// /// Tells the peer its connection id, then hangs up.
 /// struct Ticket;
 ///
 /// impl Handler for Ticket {
-///     async fn handle(&self, mut stream: TcpStream, conn: Connection) -> std::io::Result<()> {
+///     async fn handle<T: Stream>(&self, mut stream: T, conn: Connection) -> std::io::Result<()> {
 ///         stream.write_all(format!("you are #{}\n", conn.id()).as_bytes()).await?;
 ///         stream.shutdown().await
 ///     }
@@ -35,9 +40,47 @@ use crate::connections::Connection;
 pub trait Handler: Send + Sync + 'static {
     /// Serves the connection until it ends. Watch [`Connection::shutdown_requested`] to
     /// finish early when the server drains.
-    fn handle(
+    fn handle<T: Stream>(
         &self,
-        stream: TcpStream,
+        stream: T,
         conn: Connection,
     ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// What a server runs on each of its connections: a raw [`Handler`], or the
+/// [`Driver`](crate::Driver) of a [`Protocol`](crate::Protocol). Implemented by
+/// linedancer only; `Message` is the type the connections' mailboxes take, and so the
+/// type of the server's [`ServerHandle`](crate::ServerHandle).
+pub trait Service: sealed::Sealed + Send + Sync + 'static {
+    /// What the connections' mailboxes take: the protocol's
+    /// [`Message`](crate::Protocol::Message), or [`Infallible`] for a raw handler,
+    /// whose connections take none.
+    type Message: Send + 'static;
+
+    /// Serves one connection until it ends.
+    fn serve<T: Stream>(
+        &self,
+        stream: T,
+        conn: Connection<Self::Message>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl<H: Handler> sealed::Sealed for H {}
+
+impl<H: Handler> Service for H {
+    type Message = Infallible;
+
+    fn serve<T: Stream>(
+        &self,
+        stream: T,
+        conn: Connection,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        self.handle(stream, conn)
+    }
+}
+
+/// Keeps [`Service`] linedancer's own.
+pub(crate) mod sealed {
+    /// Implemented by the types that may be a [`Service`](super::Service).
+    pub trait Sealed {}
 }

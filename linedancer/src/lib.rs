@@ -59,6 +59,7 @@
 //!   built on mailboxes and groups, and a `gateway` built on the raw [`Handler`].
 #![deny(missing_docs)]
 
+mod close;
 pub mod codec;
 mod connections;
 mod driver;
@@ -70,18 +71,21 @@ mod protocol;
 mod server;
 mod stats;
 pub mod testing;
+mod transport;
 
+pub use close::CloseReason;
 pub use connections::{Connection, ConnectionId, ConnectionInfo, Limits, SendError};
 pub use driver::Driver;
 pub use error::Error;
-pub use handler::Handler;
-pub use protocol::{CloseReason, Ctx, Frame, Next, Protocol};
+pub use handler::{Handler, Service};
+pub use protocol::{Ctx, Frame, Next, Protocol};
 pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAILBOX_CAPACITY, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT,
     DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
 };
 pub use stats::{ClosedCounts, Stats};
+pub use transport::{Address, Stream};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::connections::Connections;
-use crate::handler::Handler;
+use crate::handler::Service;
+use crate::transport::Address;
 
 /// How long the acceptor pauses after an error that says the process or the system is
 /// out of a resource (file descriptors, buffers, memory), before it tries again.
@@ -128,17 +129,17 @@ impl Gate {
     }
 }
 
-/// Accepts connections while `gate` is open, running `handler` on each, until it is
+/// Accepts connections while `gate` is open, running `service` on each, until it is
 /// stopped. The listening socket is closed when this returns, so new connects are then
 /// refused; while the gate is suspended they wait in the backlog.
-pub(crate) async fn accept_loop<H: Handler>(
+pub(crate) async fn accept_loop<H: Service>(
     listener: TcpListener,
-    connections: Arc<Connections>,
-    handler: Arc<H>,
+    connections: Arc<Connections<H::Message>>,
+    service: Arc<H>,
     gate: Arc<Gate>,
 ) {
     let local_addr = match listener.local_addr() {
-        Ok(addr) => addr,
+        Ok(addr) => Address::Ip(addr),
         Err(e) => {
             warn!("cannot read the listener's address: {e}");
             return;
@@ -175,12 +176,12 @@ pub(crate) async fn accept_loop<H: Handler>(
                         // The peer is already gone; the connection task will find out.
                         debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
                     }
+                    let service = Arc::clone(&service);
                     connections.spawn(
                         reservation,
-                        stream,
-                        peer_addr,
-                        local_addr,
-                        Arc::clone(&handler),
+                        Address::Ip(peer_addr),
+                        local_addr.clone(),
+                        move |conn| async move { service.serve(stream, conn).await },
                     );
                 }
                 Err(e) => {

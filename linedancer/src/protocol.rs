@@ -6,11 +6,14 @@
 //! original: a protocol is a plain Rust value (usually an enum of states) that reacts to
 //! events and queues replies. It never touches a socket or a clock, so the same code runs
 //! under the driver and under the harness.
+//!
+//! The application's shared state (configuration, a pool, a registry) is the trait's
+//! type parameter `S`: given once to the server ([`Builder::state`](crate::Builder::state)),
+//! it reaches every callback by reference through [`Ctx::state`]. A protocol that needs
+//! none implements `Protocol` and gets `()`.
 
 use std::fmt;
 use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::close::CloseReason;
 use crate::connections::ConnectionId;
+use crate::transport::Address;
 
 /// A connection's protocol: a state machine fed with decoded frames.
 ///
@@ -26,6 +31,56 @@ use crate::connections::ConnectionId;
 /// [`connect`](Protocol::connect) and dropped when the connection ends. Make it an enum
 /// whose variants are the protocol's states, and report the current one from
 /// [`state_name`](Protocol::state_name): it appears in every log line of the connection.
+///
+/// `S` is the application state shared by every connection of the server, read with
+/// [`Ctx::state`]; `()` by default. A protocol with state implements `Protocol<S>` for
+/// its own `S` and is served with [`Builder::state`](crate::Builder::state):
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+///
+/// use linedancer::codec::Lines;
+/// use linedancer::{Ctx, Next, Protocol, Server};
+///
+/// /// What every connection shares: a visitor count.
+/// #[derive(Default)]
+/// struct Visitors(AtomicU64);
+///
+/// /// Tells each client which visitor it is.
+/// struct Door;
+///
+/// impl Protocol<Visitors> for Door {
+///     type Codec = Lines;
+///     type Reply = String;
+///     type Message = ();
+///
+///     fn connect(ctx: &mut Ctx<'_, Self, Visitors>) -> Self {
+///         let n = ctx.state().0.fetch_add(1, Ordering::Relaxed) + 1;
+///         ctx.send(format!("you are visitor {n}"));
+///         Door
+///     }
+///
+///     fn frame(&mut self, _line: String, _ctx: &mut Ctx<'_, Self, Visitors>) -> Next {
+///         Next::Close
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), linedancer::Error> {
+/// let visitors = Arc::new(Visitors::default());
+/// let server = Server::builder()
+///     .port(0)
+///     .state(Arc::clone(&visitors))
+///     .protocol::<Door>()
+///     .start()
+///     .await?;
+/// # server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Without state (`S = ()`):
 ///
 /// ```
 /// use linedancer::codec::Lines;
@@ -55,7 +110,7 @@ use crate::connections::ConnectionId;
 ///     }
 /// }
 /// ```
-pub trait Protocol: Sized + Send + 'static {
+pub trait Protocol<S = ()>: Sized + Send + 'static {
     /// The framing: turns bytes into frames ([`Decoder`]) and replies into bytes
     /// ([`Encoder`]). See [`codec`](crate::codec) for the ready-made ones.
     type Codec: Decoder<Error: fmt::Display> + Encoder<Self::Reply, Error: fmt::Display> + Send;
@@ -71,22 +126,22 @@ pub trait Protocol: Sized + Send + 'static {
 
     /// A peer connected: choose the initial state. May greet with [`Ctx::send`], arm a
     /// timeout, or [`close`](Ctx::close) at once (the greeting is still delivered).
-    fn connect(ctx: &mut Ctx<'_, Self>) -> Self;
+    fn connect(ctx: &mut Ctx<'_, Self, S>) -> Self;
 
     /// A complete frame arrived. Called once per frame, in order; replies queued while
     /// handling all frames of one read go out in one write.
-    fn frame(&mut self, frame: Frame<Self>, ctx: &mut Ctx<'_, Self>) -> Next;
+    fn frame(&mut self, frame: Frame<Self, S>, ctx: &mut Ctx<'_, Self, S>) -> Next;
 
     /// A message arrived in the connection's mailbox. Messages are delivered one at a
     /// time, in the order each sender sent them. By default they are ignored.
-    fn message(&mut self, message: Self::Message, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn message(&mut self, message: Self::Message, ctx: &mut Ctx<'_, Self, S>) -> Next {
         let _ = (message, ctx);
         Next::Continue
     }
 
     /// The timeout armed with [`Ctx::set_timeout`] expired. By default the connection is
     /// closed (reason [`CloseReason::StateTimeout`]).
-    fn timeout(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn timeout(&mut self, ctx: &mut Ctx<'_, Self, S>) -> Next {
         let _ = ctx;
         Next::Close
     }
@@ -94,7 +149,7 @@ pub trait Protocol: Sized + Send + 'static {
     /// The server is shutting down and asks connections to finish. By default the
     /// connection goes on being served until its peer closes or the drain timeout ends;
     /// a protocol may say goodbye and return [`Next::Close`] instead.
-    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self, S>) -> Next {
         let _ = ctx;
         Next::Continue
     }
@@ -103,7 +158,7 @@ pub trait Protocol: Sized + Send + 'static {
     /// sent now are dropped), but messages to other connections
     /// ([`Ctx::send_to`], [`Ctx::broadcast`]) still go out: a chat room can be told
     /// that this member left.
-    fn closed(&mut self, reason: &CloseReason, ctx: &mut Ctx<'_, Self>) {
+    fn closed(&mut self, reason: &CloseReason, ctx: &mut Ctx<'_, Self, S>) {
         let _ = (reason, ctx);
     }
 
@@ -114,7 +169,7 @@ pub trait Protocol: Sized + Send + 'static {
 }
 
 /// The frame type a protocol's codec decodes.
-pub type Frame<P> = <<P as Protocol>::Codec as Decoder>::Item;
+pub type Frame<P, S = ()> = <<P as Protocol<S>>::Codec as Decoder>::Item;
 
 /// What a callback wants next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,99 +181,22 @@ pub enum Next {
     Close,
 }
 
-/// Why a connection ended. Every connection that ends gets one, logged with the
-/// connection's id and state, and counted in [`Stats`](crate::Stats).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CloseReason {
-    /// The peer closed its side (end of stream); pending replies were delivered.
-    PeerClosed,
-    /// The peer reset the connection or went away while we wrote to it.
-    PeerReset,
-    /// The protocol closed the connection (returned [`Next::Close`] or called
-    /// [`Ctx::close`]), or a raw [`Handler`](crate::Handler) returned `Ok`.
-    Closed,
-    /// No bytes arrived for the server's idle timeout
-    /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
-    IdleTimeout,
-    /// The protocol's own timeout ([`Ctx::set_timeout`]) expired and its
-    /// [`Protocol::timeout`] callback closed the connection.
-    StateTimeout,
-    /// The peer did not take our replies for the send timeout
-    /// ([`Builder::send_timeout`](crate::Builder::send_timeout)): it stopped reading.
-    SendTimeout,
-    /// More replies were waiting to be written than the output limit
-    /// ([`Builder::max_output`](crate::Builder::max_output)) allows: the peer sends
-    /// requests faster than it reads the answers.
-    OutputOverflow,
-    /// More messages waited in the connection's mailbox than its capacity
-    /// ([`Builder::mailbox_capacity`](crate::Builder::mailbox_capacity)): the connection
-    /// could not keep up with what was sent to it.
-    MailboxOverflow,
-    /// The peer sent bytes the codec rejects, such as a frame over the codec's maximum
-    /// length or invalid UTF-8 in a line protocol. The text is the codec's error.
-    BadFrame(String),
-    /// A reply could not be encoded. The text is the codec's error.
-    BadReply(String),
-    /// The protocol or handler panicked; the text is the panic's message. Only this
-    /// connection ends.
-    Panic(String),
-    /// The server's drain timeout ended while the connection was still open.
-    Shutdown,
-    /// Another I/O error on the socket.
-    Io(String),
-}
-
-impl CloseReason {
-    /// Sorts a socket error: a reset or broken pipe is the peer's doing, anything else is
-    /// reported with its text.
-    pub(crate) fn from_io(error: &io::Error) -> Self {
-        match error.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof => CloseReason::PeerReset,
-            _ => CloseReason::Io(error.to_string()),
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CloseReason::PeerClosed => f.write_str("peer closed"),
-            CloseReason::PeerReset => f.write_str("peer reset"),
-            CloseReason::Closed => f.write_str("closed by protocol"),
-            CloseReason::IdleTimeout => f.write_str("idle timeout"),
-            CloseReason::StateTimeout => f.write_str("state timeout"),
-            CloseReason::SendTimeout => f.write_str("send timeout: the peer stopped reading"),
-            CloseReason::OutputOverflow => {
-                f.write_str("output overflow: replies piled up past the limit")
-            }
-            CloseReason::MailboxOverflow => f.write_str("mailbox overflow"),
-            CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
-            CloseReason::BadReply(e) => write!(f, "bad reply: {e}"),
-            CloseReason::Panic(e) => write!(f, "panic: {e}"),
-            CloseReason::Shutdown => f.write_str("server shutdown"),
-            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
-        }
-    }
-}
-
 /// Who is on the other end of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Peer {
     pub(crate) id: ConnectionId,
-    pub(crate) peer_addr: SocketAddr,
-    pub(crate) local_addr: SocketAddr,
+    pub(crate) peer_addr: Address,
+    pub(crate) local_addr: Address,
 }
 
 /// What a callback can do: queue replies, close, arm a timeout, message other
-/// connections, join groups, start work, and learn about the connection.
-pub struct Ctx<'a, P: Protocol> {
+/// connections, join groups, start work, read the application's shared state, and
+/// learn about the connection.
+pub struct Ctx<'a, P: Protocol<S>, S = ()> {
     codec: &'a mut P::Codec,
     output: &'a mut BytesMut,
     peer: &'a Peer,
+    state: &'a S,
     asked: &'a mut Asked<P::Message>,
 }
 
@@ -256,7 +234,7 @@ pub(crate) enum Effect<M> {
     Spawn(Pin<Box<dyn Future<Output = M> + Send>>),
 }
 
-impl<P: Protocol> Ctx<'_, P> {
+impl<P: Protocol<S>, S> Ctx<'_, P, S> {
     /// Queues a reply. Replies are encoded at once and written after the callback, in
     /// the order they were sent; those of one read batch go out in one write.
     ///
@@ -336,13 +314,20 @@ impl<P: Protocol> Ctx<'_, P> {
     }
 
     /// The peer's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer.peer_addr
+    pub fn peer_addr(&self) -> &Address {
+        &self.peer.peer_addr
     }
 
     /// The local address the peer connected to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.peer.local_addr
+    pub fn local_addr(&self) -> &Address {
+        &self.peer.local_addr
+    }
+
+    /// The application state shared by every connection of the server, as given to
+    /// [`Builder::state`](crate::Builder::state) (or to the
+    /// [`Harness`](crate::testing::Harness)).
+    pub fn state(&self) -> &S {
+        self.state
     }
 }
 
@@ -355,10 +340,11 @@ pub(crate) enum Timer {
 
 /// One connection's protocol, codec and buffers, with no socket and no clock: the
 /// driver feeds it bytes and events and writes out what it queued.
-pub(crate) struct Session<P: Protocol> {
+pub(crate) struct Session<P: Protocol<S>, S> {
     protocol: P,
     codec: P::Codec,
     peer: Peer,
+    state: Arc<S>,
     /// Bytes read from the peer and not yet decoded.
     pub(crate) input: BytesMut,
     /// Encoded replies not yet written.
@@ -372,22 +358,29 @@ pub(crate) struct Session<P: Protocol> {
     eof: bool,
 }
 
-impl<P: Protocol> Session<P> {
+impl<P: Protocol<S>, S> Session<P, S> {
     /// Starts a session: calls [`Protocol::connect`]. Decoding pauses while more than
     /// `max_output` bytes of replies wait to be written.
-    pub(crate) fn connect(mut codec: P::Codec, peer: Peer, max_output: usize) -> Self {
+    pub(crate) fn connect(
+        mut codec: P::Codec,
+        peer: Peer,
+        state: Arc<S>,
+        max_output: usize,
+    ) -> Self {
         let mut output = BytesMut::new();
         let mut asked = Asked::default();
         let protocol = P::connect(&mut Ctx {
             codec: &mut codec,
             output: &mut output,
             peer: &peer,
+            state: &*state,
             asked: &mut asked,
         });
         Session {
             protocol,
             codec,
             peer,
+            state,
             input: BytesMut::new(),
             output,
             asked,
@@ -398,11 +391,12 @@ impl<P: Protocol> Session<P> {
     }
 
     /// Runs one callback with a context over this session's parts.
-    fn call(&mut self, f: impl FnOnce(&mut P, &mut Ctx<'_, P>) -> Next, on_close: CloseReason) {
+    fn call(&mut self, f: impl FnOnce(&mut P, &mut Ctx<'_, P, S>) -> Next, on_close: CloseReason) {
         let mut ctx = Ctx {
             codec: &mut self.codec,
             output: &mut self.output,
             peer: &self.peer,
+            state: &*self.state,
             asked: &mut self.asked,
         };
         if f(&mut self.protocol, &mut ctx) == Next::Close {

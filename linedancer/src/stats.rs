@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::protocol::CloseReason;
+use crate::close::CloseReason;
 
 /// A snapshot of a server's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

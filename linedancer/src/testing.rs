@@ -2,7 +2,9 @@
 //! bytes in whatever splits you like, let virtual time pass, and read what it wrote.
 //!
 //! It runs the protocol in the same session code as the server, so what passes here
-//! behaves the same over TCP.
+//! behaves the same over TCP. A protocol with application state gets it here as it
+//! would from [`Builder::state`](crate::Builder::state); several harness connections
+//! given the same `Arc` share it, as a server's connections do.
 //!
 //! ```
 //! use linedancer::examples::Echo;
@@ -18,12 +20,15 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::close::CloseReason;
 use crate::connections::ConnectionId;
-use crate::protocol::{CloseReason, Effect, Peer, Protocol, Session, Timer};
+use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
+use crate::transport::Address;
 
 /// The peer address a harness connection reports.
 pub const PEER_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
@@ -31,10 +36,10 @@ pub const PEER_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr:
 /// The local address a harness connection reports.
 pub const LOCAL_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7000);
 
-/// One simulated connection running the protocol `P`.
-pub struct Harness<P: Protocol> {
+/// One simulated connection running the protocol `P`, with the application state `S`.
+pub struct Harness<P: Protocol<S>, S = ()> {
     /// The live session; `None` once the connection has closed.
-    session: Option<Session<P>>,
+    session: Option<Session<P, S>>,
     /// Output written before the close, kept for [`take_output`](Harness::take_output).
     output: Vec<u8>,
     closed: Option<CloseReason>,
@@ -70,7 +75,7 @@ pub enum Outgoing<M> {
 }
 
 impl<P: Protocol> Harness<P> {
-    /// Connects with the default codec: calls [`Protocol::connect`].
+    /// Connects with the default codec, as connection 1: calls [`Protocol::connect`].
     pub fn connect() -> Self
     where
         P::Codec: Default,
@@ -78,15 +83,55 @@ impl<P: Protocol> Harness<P> {
         Self::connect_with_codec(P::Codec::default())
     }
 
-    /// Connects with the given codec: calls [`Protocol::connect`].
+    /// Connects with the given codec, as connection 1: calls [`Protocol::connect`].
     pub fn connect_with_codec(codec: P::Codec) -> Self {
+        Self::connect_with(codec, Arc::new(()), ConnectionId(1))
+    }
+}
+
+impl<P: Protocol<S>, S> Harness<P, S> {
+    /// Connects with the default codec and the application state `state`, as
+    /// connection 1: calls [`Protocol::connect`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use linedancer::examples::{Chat, Rooms};
+    /// use linedancer::testing::Harness;
+    /// use linedancer::ConnectionId;
+    ///
+    /// let rooms = Arc::new(Rooms::default());
+    /// let mut ann = Harness::<Chat, Rooms>::connect_with_state(Arc::clone(&rooms));
+    /// ann.feed("/nick ann\n");
+    /// let codec = Default::default();
+    /// let mut bob = Harness::<Chat, Rooms>::connect_with(codec, rooms, ConnectionId(2));
+    /// bob.take_text();
+    /// bob.feed("/who\n");
+    /// assert_eq!(bob.take_text(), "* in lobby: guest2 (you), ann\n");
+    /// ```
+    pub fn connect_with_state(state: Arc<S>) -> Self
+    where
+        P::Codec: Default,
+    {
+        Self::connect_with(P::Codec::default(), state, ConnectionId(1))
+    }
+
+    /// Connects with the given codec and application state, as connection `id`: calls
+    /// [`Protocol::connect`]. Give each of several connections that share a state an
+    /// id of its own, as a server would.
+    pub fn connect_with(codec: P::Codec, state: Arc<S>, id: ConnectionId) -> Self {
         let peer = Peer {
-            id: ConnectionId(1),
-            peer_addr: PEER_ADDR,
-            local_addr: LOCAL_ADDR,
+            id,
+            peer_addr: Address::Ip(PEER_ADDR),
+            local_addr: Address::Ip(LOCAL_ADDR),
         };
         let mut harness = Harness {
-            session: Some(Session::connect(codec, peer, crate::DEFAULT_MAX_OUTPUT)),
+            session: Some(Session::connect(
+                codec,
+                peer,
+                state,
+                crate::DEFAULT_MAX_OUTPUT,
+            )),
             output: Vec::new(),
             closed: None,
             now: Duration::ZERO,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{bounded, serve, LineClient};
 use linedancer::codec::Lines;
-use linedancer::examples::{Chat, ChatMessage, LOBBY};
+use linedancer::examples::{Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, WHO_LIMIT};
 use linedancer::testing::{Harness, Outgoing};
 use linedancer::{ConnectionId, Ctx, Next, Protocol, SendError, Server, ServerHandle};
 use tokio::sync::Barrier;
@@ -44,8 +44,22 @@ impl Protocol for Inbox {
     }
 }
 
+/// Starts a chat server on a free port, with rooms of its own, and `limits` applied.
+async fn chat_server(
+    limits: impl FnOnce(linedancer::Builder<()>) -> linedancer::Builder<()>,
+) -> (ServerHandle<ChatMessage>, Arc<Rooms>) {
+    let rooms = Arc::new(Rooms::default());
+    let server = limits(Server::builder().port(0))
+        .state(Arc::clone(&rooms))
+        .protocol::<Chat>()
+        .start()
+        .await
+        .expect("start the chat server");
+    (server, rooms)
+}
+
 /// Connects a client and waits for its greeting; returns it with its connection id.
-async fn accepted(server: &ServerHandle) -> (LineClient, ConnectionId) {
+async fn accepted(server: &ServerHandle<u32>) -> (LineClient, ConnectionId) {
     let client = LineClient::connect(server.local_addr()).await;
     let mut client = client;
     client.expect_line().await;
@@ -58,7 +72,8 @@ async fn accepted(server: &ServerHandle) -> (LineClient, ConnectionId) {
 }
 
 /// Ensure messages sent to a connection arrive in the order they were sent, and that
-/// sending to a closed connection or with the wrong type fails with a clear error.
+/// sending to a closed connection fails with a clear error. (A message of the wrong
+/// type does not compile: see `ServerHandle::send_to`.)
 #[tokio::test]
 async fn a_mailbox_delivers_in_send_order() {
     bounded(async {
@@ -73,10 +88,6 @@ async fn a_mailbox_delivers_in_send_order() {
         for n in 0..1000u32 {
             assert_eq!(client.expect_line().await, n.to_string());
         }
-        assert!(matches!(
-            server.send_to(id, "a string"),
-            Err(SendError::WrongType(_))
-        ));
         assert_eq!(
             server.send_to(ConnectionId(999), 1u32),
             Err(SendError::NotOpen(ConnectionId(999)))
@@ -198,7 +209,7 @@ fn spawned_work_in_the_harness() {
 #[tokio::test]
 async fn live_connections_are_listed_and_leave_their_groups() {
     bounded(async {
-        let server = serve::<Chat>().await;
+        let (server, rooms) = chat_server(|b| b).await;
         let mut ann = LineClient::connect(server.local_addr()).await;
         ann.expect_line().await;
         let mut bob = LineClient::connect(server.local_addr()).await;
@@ -216,13 +227,20 @@ async fn live_connections_are_listed_and_leave_their_groups() {
         assert!(list[0].since <= list[1].since);
         assert_eq!(server.group_members(LOBBY), vec![list[0].id]);
         assert_eq!(server.group_members("kitchen"), vec![list[1].id]);
+        assert_eq!(rooms.members(LOBBY), vec![(list[0].id, "guest1".into())]);
+        assert_eq!(
+            rooms.members("kitchen"),
+            vec![(list[1].id, "guest2".into())]
+        );
 
         drop(bob);
         server.wait_connections(|n| n == 1).await;
         assert_eq!(server.group_members("kitchen"), vec![]);
+        assert_eq!(rooms.members("kitchen"), vec![]);
+        assert_eq!(rooms.rooms(), vec![Arc::from(LOBBY)]);
         assert_eq!(
             server.broadcast(LOBBY, ChatMessage::Line("* notice".into())),
-            Ok(1)
+            1
         );
         // After the announcements of bob's coming and going.
         while ann.expect_line().await != "* notice" {}
@@ -238,7 +256,7 @@ async fn live_connections_are_listed_and_leave_their_groups() {
 #[tokio::test]
 async fn a_member_who_disconnects_is_announced() {
     bounded(async {
-        let server = serve::<Chat>().await;
+        let (server, _) = chat_server(|b| b).await;
         let mut ann = LineClient::connect(server.local_addr()).await;
         ann.expect_line().await;
         let mut bob = LineClient::connect(server.local_addr()).await;
@@ -261,7 +279,7 @@ async fn three_hundred_clients_in_three_rooms_hear_their_room_exactly_once() {
     const ROOMS: usize = 3;
     const LINES: usize = 10;
     bounded(async {
-        let server = serve::<Chat>().await;
+        let (server, _) = chat_server(|b| b).await;
         let addr = server.local_addr();
         let joined = Arc::new(Barrier::new(CLIENTS));
         let mut clients = JoinSet::new();
@@ -327,13 +345,7 @@ async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
     // the server and the deaf member hold.
     const MAX_LINES: usize = 16 * 1024;
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .max_output(64 * 1024)
-            .protocol::<Chat>()
-            .start()
-            .await
-            .unwrap();
+        let (server, _) = chat_server(|b| b.max_output(64 * 1024)).await;
         let addr = server.local_addr();
         // Connected one after the other: guest1, guest2, guest3.
         let mut deaf = LineClient::connect(addr).await;
@@ -343,7 +355,7 @@ async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
         let mut speaker = LineClient::connect(addr).await;
         speaker.expect_line().await;
         let text = "x".repeat(4096);
-        let dropped = |server: &ServerHandle| {
+        let dropped = |server: &ServerHandle<ChatMessage>| {
             let closed = server.stats().closed;
             closed.output_overflow + closed.mailbox_overflow
         };
@@ -375,10 +387,110 @@ async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
     .await;
 }
 
-/// Ensure the chat protocol's commands ask for the right messages and group changes.
+/// Ensure `/who` in a room of 2,000 answers from the shared rooms in one bounded line,
+/// and closes nobody: not the asker, not the members (whose arrivals, in a room that
+/// large, are not announced to everyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_in_a_room_of_two_thousand_is_one_bounded_line() {
+    const MEMBERS: usize = 2000;
+    const PARALLEL: usize = 100;
+    bounded(async {
+        let (server, rooms) = chat_server(|b| b).await;
+        let addr = server.local_addr();
+        let mut members = Vec::with_capacity(MEMBERS);
+        let mut connecting = JoinSet::new();
+        for i in 0..MEMBERS {
+            if i >= PARALLEL {
+                members.push(connecting.join_next().await.unwrap().unwrap());
+            }
+            connecting.spawn(async move {
+                let mut client = LineClient::connect(addr).await;
+                client.expect_line().await; // welcome: accepted and in the lobby
+                client
+            });
+        }
+        members.extend(connecting.join_all().await);
+        assert_eq!(rooms.size(LOBBY), MEMBERS);
+
+        let mut asker = LineClient::connect(addr).await;
+        asker.expect_line().await;
+        asker.send("/nick asker").await;
+        assert_eq!(asker.expect_line().await, "* you are now asker");
+        asker.send("/who").await;
+        let who = asker.expect_line().await;
+        let (head, more) = who.rsplit_once(" and ").expect("names, and how many more");
+        let names: Vec<&str> = head
+            .strip_prefix("* in lobby: asker (you), ")
+            .expect("the asker first")
+            .split(", ")
+            .collect();
+        assert_eq!(names.len(), WHO_LIMIT);
+        assert_eq!(names[..3], ["guest1", "guest2", "guest3"]);
+        assert_eq!(more, format!("{} more", MEMBERS - WHO_LIMIT));
+        assert!(who.len() < 2048, "{} bytes", who.len());
+
+        // Still there, and so is everyone.
+        asker.send("/who").await;
+        assert_eq!(asker.expect_line().await, who);
+        assert_eq!(server.connections(), MEMBERS + 1);
+        assert_eq!(server.stats().closed.total(), 0);
+        drop((asker, members));
+        server.wait_connections(|n| n == 0).await;
+        assert_eq!(rooms.size(LOBBY), 0);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure comings and goings are announced in a room up to the announcement limit,
+/// and not beyond: chat connections sharing one state, in the harness.
+#[test]
+fn announcements_stop_in_large_rooms() {
+    let rooms = Arc::new(Rooms::default());
+    let connect = |id: u64| {
+        let codec = Default::default();
+        Harness::<Chat, Rooms>::connect_with(codec, Arc::clone(&rooms), ConnectionId(id))
+    };
+    let mut conns: Vec<_> = (1..=ANNOUNCE_LIMIT as u64).map(connect).collect();
+    let last = conns.last_mut().unwrap();
+    assert_eq!(
+        last.take_outgoing()[1],
+        Outgoing::Broadcast {
+            group: LOBBY.into(),
+            message: ChatMessage::Line(format!("* guest{ANNOUNCE_LIMIT} joined lobby").into()),
+        }
+    );
+    let mut one_more = connect(ANNOUNCE_LIMIT as u64 + 1);
+    assert_eq!(one_more.take_outgoing(), vec![Outgoing::Join(LOBBY.into())]);
+    assert_eq!(rooms.size(LOBBY), ANNOUNCE_LIMIT + 1);
+    one_more.feed("hello\n");
+    assert_eq!(
+        one_more.take_outgoing(),
+        vec![Outgoing::Broadcast {
+            group: LOBBY.into(),
+            message: ChatMessage::Line(format!("<guest{}> hello", ANNOUNCE_LIMIT + 1).into()),
+        }],
+        "lines are said whatever the room's size"
+    );
+    one_more.feed_eof();
+    assert_eq!(rooms.size(LOBBY), ANNOUNCE_LIMIT);
+    conns[0].take_outgoing();
+    conns[0].feed_eof();
+    assert_eq!(
+        conns[0].take_outgoing(),
+        vec![Outgoing::Broadcast {
+            group: LOBBY.into(),
+            message: ChatMessage::Line("* guest1 left".into()),
+        }]
+    );
+}
+
+/// Ensure the chat protocol's commands ask for the right messages and group changes,
+/// and keep the shared rooms up to date.
 #[test]
 fn chat_commands_in_the_harness() {
-    let mut conn = Harness::<Chat>::connect();
+    let rooms = Arc::new(Rooms::default());
+    let mut conn = Harness::<Chat, Rooms>::connect_with_state(Arc::clone(&rooms));
     assert!(conn
         .take_text()
         .starts_with("* welcome, guest1: you are in lobby."));
@@ -423,26 +535,27 @@ fn chat_commands_in_the_harness() {
     assert_eq!(conn.take_outgoing(), vec![]);
 
     conn.deliver(ChatMessage::Line("<bob> hi".into()));
-    conn.deliver(ChatMessage::Who(ConnectionId(7)));
     conn.feed("/who\n");
-    conn.deliver(ChatMessage::Here("bob".into()));
+    assert_eq!(conn.take_text(), "<bob> hi\n* in kitchen: ann (you)\n");
     assert_eq!(
-        conn.take_text(),
-        "<bob> hi\n* in kitchen: ann (you)\n* also here: bob\n"
+        rooms.members("kitchen"),
+        vec![(ConnectionId(1), "ann".into())]
     );
-    assert_eq!(
-        conn.take_outgoing(),
-        vec![
-            Outgoing::SendTo(ConnectionId(7), ChatMessage::Here("ann".into())),
-            Outgoing::Broadcast {
-                group: "kitchen".into(),
-                message: ChatMessage::Who(ConnectionId(1)),
-            },
-        ]
-    );
+    assert_eq!(rooms.size(LOBBY), 0);
+
+    let codec = Default::default();
+    let mut bob = Harness::<Chat, Rooms>::connect_with(codec, Arc::clone(&rooms), ConnectionId(7));
+    bob.feed("/nick bob\n/join kitchen\n");
+    conn.feed("/who\n");
+    assert_eq!(conn.take_text(), "* in kitchen: ann (you), bob\n");
+    assert_eq!(conn.take_outgoing(), vec![]);
 
     conn.feed("/quit\n");
     assert_eq!(conn.take_text(), "* bye\n");
     assert!(conn.is_closed());
     assert_eq!(conn.take_outgoing(), vec![line("kitchen", "* ann left")]);
+    assert_eq!(
+        rooms.members("kitchen"),
+        vec![(ConnectionId(7), "bob".into())]
+    );
 }

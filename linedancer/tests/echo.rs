@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use common::{bounded, exchange, round_trip, serve};
 use linedancer::examples::Echo;
-use linedancer::{Connection, Error, Handler, Server, ServerHandle, ShutdownReport, Threading};
+use linedancer::{
+    Connection, Error, Handler, Server, ServerHandle, ShutdownReport, Stream, Threading,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -122,7 +124,7 @@ async fn shutdown_drains_connected_clients() {
 
 /// Connects a client that stays idle, shuts down with a short drain timeout, and checks
 /// that the connection was closed cleanly and counted as force-closed.
-async fn force_closes_an_idle_client(server: ServerHandle) {
+async fn force_closes_an_idle_client<M: Send + 'static>(server: ServerHandle<M>) {
     let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
     server.wait_connections(|n| n == 1).await;
     let report = server
@@ -232,7 +234,7 @@ async fn per_core_threads_serve_and_stop() {
 struct Stubborn;
 
 impl Handler for Stubborn {
-    async fn handle(&self, mut stream: TcpStream, _conn: Connection) -> std::io::Result<()> {
+    async fn handle<T: Stream>(&self, mut stream: T, _conn: Connection) -> std::io::Result<()> {
         let mut sink = Vec::new();
         stream.read_to_end(&mut sink).await.map(drop)
     }

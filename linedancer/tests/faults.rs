@@ -543,9 +543,9 @@ async fn a_panicking_protocol_ends_only_its_connection() {
 struct Touchy;
 
 impl linedancer::Handler for Touchy {
-    async fn handle(
+    async fn handle<T: linedancer::Stream>(
         &self,
-        mut stream: TcpStream,
+        mut stream: T,
         _: linedancer::Connection,
     ) -> std::io::Result<()> {
         let mut buf = [0; 64];

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use common::{bounded, exchange, round_trip, serve};
@@ -11,7 +12,7 @@ use linedancer::{Error, Server, ServerHandle, ShutdownReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle {
+async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle<Infallible> {
     Server::builder()
         .port(0)
         .handler(Gateway::new(upstreams).expect("a gateway"))

@@ -13,12 +13,13 @@ use tokio::sync::mpsc;
 /// The most any one test may take.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `linedancer ARGS`, logging at info level to a piped stderr, killed when dropped.
+/// `linedancer ARGS`, logging to a piped stderr at the level its flags say (RUST_LOG
+/// unset), killed when dropped.
 pub fn linedancer(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_linedancer"));
     command
         .args(args)
-        .env("RUST_LOG", "info")
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -11,8 +11,11 @@
 //! * you are in kitchen
 //! ```
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::close::CloseReason;
 use crate::codec::Lines;
 use crate::connections::ConnectionId;
 use crate::protocol::{Ctx, Next, Protocol};
@@ -23,15 +26,97 @@ pub const LOBBY: &str = "lobby";
 /// The longest nick or room name, in characters.
 pub const MAX_NAME_LENGTH: usize = 32;
 
+/// How many other members `/who` names at most; the rest are counted.
+pub const WHO_LIMIT: usize = 50;
+
+/// The most members a room may have for comings, goings and renames to be announced
+/// in it. Beyond, they are not: announcing each of `n` members' arrival to all the
+/// others is `n²` lines, which would bury the conversation (and fill the mailboxes)
+/// in a large room; `/who` tells who is there.
+pub const ANNOUNCE_LIMIT: usize = 100;
+
 /// What chat connections send each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatMessage {
     /// A line for the client, as it is: someone spoke, came or went.
     Line(Arc<str>),
-    /// Connection `.0` asks who is in the room: answer with your nick.
-    Who(ConnectionId),
-    /// An answer to [`Who`](ChatMessage::Who).
-    Here(Arc<str>),
+}
+
+/// Each room's members, by connection id, with their nicks.
+type Members = HashMap<Arc<str>, BTreeMap<ConnectionId, Arc<str>>>;
+
+/// The chat's shared state: who is in which room, under which nick. Every connection
+/// keeps its own entry up to date, and `/who` reads it, so the answer costs one lock
+/// and no message, whatever the room's size.
+#[derive(Debug, Default)]
+pub struct Rooms {
+    rooms: Mutex<Members>,
+}
+
+impl Rooms {
+    /// The members of `room`, in connection order, with their nicks.
+    pub fn members(&self, room: &str) -> Vec<(ConnectionId, Arc<str>)> {
+        (self.lock().get(room).into_iter())
+            .flat_map(|members| members.iter().map(|(id, nick)| (*id, Arc::clone(nick))))
+            .collect()
+    }
+
+    /// The rooms with anyone in them, in no particular order.
+    pub fn rooms(&self) -> Vec<Arc<str>> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// How many members `room` has.
+    pub fn size(&self, room: &str) -> usize {
+        self.lock().get(room).map_or(0, BTreeMap::len)
+    }
+
+    /// Puts `id` in `room` as `nick`, or renames it there.
+    fn enter(&self, room: &Arc<str>, id: ConnectionId, nick: &Arc<str>) {
+        let mut rooms = self.lock();
+        let members = rooms.entry(Arc::clone(room)).or_default();
+        members.insert(id, Arc::clone(nick));
+    }
+
+    /// Takes `id` out of `room`, and forgets the room once it is empty.
+    fn leave(&self, room: &str, id: ConnectionId) {
+        let mut rooms = self.lock();
+        if let Some(members) = rooms.get_mut(room) {
+            members.remove(&id);
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// The answer to `/who` for `me` in `room`: one line, naming at most
+    /// [`WHO_LIMIT`] others and counting the rest.
+    fn who(&self, room: &str, me: ConnectionId, my_nick: &str) -> String {
+        let mut line = format!("* in {room}: {my_nick} (you)");
+        let rooms = self.lock();
+        let others = (rooms.get(room).into_iter())
+            .flat_map(|members| members.iter())
+            .filter(|(id, _)| **id != me);
+        let mut more = 0usize;
+        for (named, (_, nick)) in others.enumerate() {
+            if named < WHO_LIMIT {
+                // Writing to a String cannot fail.
+                let _ = write!(line, ", {nick}");
+            } else {
+                more += 1;
+            }
+        }
+        drop(rooms);
+        if more > 0 {
+            let _ = write!(line, " and {more} more");
+        }
+        line
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Members> {
+        // No code panics while holding it with a room half changed.
+        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// One chat client: its nick and its room.
@@ -41,12 +126,16 @@ pub enum ChatMessage {
 ///
 /// - `/nick NAME`: change your nick;
 /// - `/join ROOM`: leave your room for another (made on first use);
-/// - `/who`: list who is in your room;
+/// - `/who`: list who is in your room, in one line: you, then up to [`WHO_LIMIT`]
+///   others, then how many more there are;
 /// - `/quit`: leave.
 ///
-/// Lines from the server itself start with `*`. A member who stops reading does not
-/// hold up the room: its replies pile up to the server's output limit, or its mailbox
-/// fills, and it is closed.
+/// Lines from the server itself start with `*`; comings and goings are announced in
+/// rooms of up to [`ANNOUNCE_LIMIT`] members. Who is where lives in the shared
+/// [`Rooms`], the server's application state; lines travel through the rooms' groups
+/// and the members' mailboxes. A member who stops reading does not hold up the room:
+/// its replies pile up to the server's output limit, or its mailbox fills, and it is
+/// closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chat {
     nick: Arc<str>,
@@ -64,27 +153,38 @@ impl Chat {
         &self.room
     }
 
-    /// Tells everyone else in the room.
-    fn announce(&self, text: String, ctx: &mut Ctx<'_, Self>) {
+    /// Says `text` to everyone else in the room.
+    fn say(&self, text: String, ctx: &mut Ctx<'_, Self, Rooms>) {
         ctx.broadcast(&self.room, ChatMessage::Line(text.into()));
     }
 
-    fn join(&mut self, room: &str, ctx: &mut Ctx<'_, Self>) {
+    /// Tells everyone else in the room of a coming, going or renaming, unless the room
+    /// is too large for that ([`ANNOUNCE_LIMIT`]).
+    fn announce(&self, text: String, ctx: &mut Ctx<'_, Self, Rooms>) {
+        if ctx.state().size(&self.room) <= ANNOUNCE_LIMIT {
+            self.say(text, ctx);
+        }
+    }
+
+    fn join(&mut self, room: &str, ctx: &mut Ctx<'_, Self, Rooms>) {
         if room == &*self.room {
             ctx.send(format!("* you are already in {room}").into());
             return;
         }
         self.announce(format!("* {} left for {room}", self.nick), ctx);
         ctx.leave(&self.room);
+        ctx.state().leave(&self.room, ctx.id());
         self.room = room.into();
         ctx.join(room);
+        ctx.state().enter(&self.room, ctx.id(), &self.nick);
         self.announce(format!("* {} joined {room}", self.nick), ctx);
         ctx.send(format!("* you are in {room}").into());
     }
 
-    fn rename(&mut self, nick: &str, ctx: &mut Ctx<'_, Self>) {
+    fn rename(&mut self, nick: &str, ctx: &mut Ctx<'_, Self, Rooms>) {
         self.announce(format!("* {} is now {nick}", self.nick), ctx);
         self.nick = nick.into();
+        ctx.state().enter(&self.room, ctx.id(), &self.nick);
         ctx.send(format!("* you are now {nick}").into());
     }
 }
@@ -101,17 +201,18 @@ fn valid_name(name: &str) -> Result<&str, String> {
     }
 }
 
-impl Protocol for Chat {
+impl Protocol<Rooms> for Chat {
     type Codec = Lines;
     type Reply = Arc<str>;
     type Message = ChatMessage;
 
-    fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
+    fn connect(ctx: &mut Ctx<'_, Self, Rooms>) -> Self {
         let chat = Chat {
             nick: format!("guest{}", ctx.id()).into(),
             room: LOBBY.into(),
         };
         ctx.join(LOBBY);
+        ctx.state().enter(&chat.room, ctx.id(), &chat.nick);
         chat.announce(format!("* {} joined {LOBBY}", chat.nick), ctx);
         ctx.send(
             format!(
@@ -124,11 +225,10 @@ impl Protocol for Chat {
         chat
     }
 
-    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self, Rooms>) -> Next {
         let Some(command) = line.strip_prefix('/') else {
             if !line.is_empty() {
-                let text = format!("<{}> {line}", self.nick);
-                ctx.broadcast(&self.room, ChatMessage::Line(text.into()));
+                self.say(format!("<{}> {line}", self.nick), ctx);
             }
             return Next::Continue;
         };
@@ -138,8 +238,8 @@ impl Protocol for Chat {
             ("join", Ok(room)) => self.join(room, ctx),
             ("nick" | "join", Err(why)) => ctx.send(format!("* {why}").into()),
             ("who", _) => {
-                ctx.send(format!("* in {}: {} (you)", self.room, self.nick).into());
-                ctx.broadcast(&self.room, ChatMessage::Who(ctx.id()));
+                let who = ctx.state().who(&self.room, ctx.id(), &self.nick);
+                ctx.send(who.into());
             }
             ("quit", _) => {
                 ctx.send("* bye".into());
@@ -152,22 +252,20 @@ impl Protocol for Chat {
         Next::Continue
     }
 
-    fn message(&mut self, message: ChatMessage, ctx: &mut Ctx<'_, Self>) -> Next {
-        match message {
-            ChatMessage::Line(text) => ctx.send(text),
-            ChatMessage::Who(asker) => ctx.send_to(asker, ChatMessage::Here(self.nick.clone())),
-            ChatMessage::Here(nick) => ctx.send(format!("* also here: {nick}").into()),
-        }
+    fn message(&mut self, message: ChatMessage, ctx: &mut Ctx<'_, Self, Rooms>) -> Next {
+        let ChatMessage::Line(text) = message;
+        ctx.send(text);
         Next::Continue
     }
 
-    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self, Rooms>) -> Next {
         ctx.send("* server shutting down, goodbye".into());
         Next::Close
     }
 
-    fn closed(&mut self, _: &crate::CloseReason, ctx: &mut Ctx<'_, Self>) {
+    fn closed(&mut self, _: &CloseReason, ctx: &mut Ctx<'_, Self, Rooms>) {
         // However it ended: /quit, a disconnect, a reset, a timeout.
+        ctx.state().leave(&self.room, ctx.id());
         self.announce(format!("* {} left", self.nick), ctx);
     }
 

@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use tokio::io::copy_bidirectional;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::connections::Connection;
 use crate::error::Error;
 use crate::handler::Handler;
+use crate::transport::Stream;
 
 /// How long connecting to an upstream may take before the client is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,7 +86,7 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    async fn handle(&self, mut client: TcpStream, conn: Connection) -> io::Result<()> {
+    async fn handle<T: Stream>(&self, mut client: T, conn: Connection) -> io::Result<()> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let upstream = self.upstreams[turn % self.upstreams.len()];
         tokio::select! {
@@ -99,7 +100,11 @@ impl Handler for Gateway {
 /// Connects to `upstream` and relays between it and `client` until both directions
 /// have ended. A connect that fails is logged, and returned as an error that names
 /// the upstream. The bytes relayed are counted once the relay ends.
-async fn relay(client: &mut TcpStream, upstream: SocketAddr, conn: &Connection) -> io::Result<()> {
+async fn relay<T: Stream>(
+    client: &mut T,
+    upstream: SocketAddr,
+    conn: &Connection,
+) -> io::Result<()> {
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream));
     let connected = connect.await.unwrap_or_else(|_| {
         Err(io::Error::new(
@@ -120,7 +125,7 @@ async fn relay(client: &mut TcpStream, upstream: SocketAddr, conn: &Connection) 
     if let Err(e) = outbound.set_nodelay(true) {
         debug!(%upstream, "cannot set TCP_NODELAY: {e}");
     }
-    info!(%upstream, "relaying");
+    debug!(%upstream, "relaying");
     let (up, down) = copy_bidirectional(client, &mut outbound).await?;
     conn.record_bytes(up, down);
     debug!(%upstream, bytes_up = up, bytes_down = down, "relay finished");

@@ -4,7 +4,8 @@
 //! - [`Echo`] writes back every byte it receives.
 //! - [`Handshake`] is a line protocol with a login step: a two-state machine.
 //! - [`LineEcho`] writes back every line: echo with line framing.
-//! - [`Chat`] is a chat server: connections in rooms, talking through their mailboxes.
+//! - [`Chat`] is a chat server: connections in rooms kept in shared state ([`Rooms`]),
+//!   talking through their mailboxes.
 //! - [`Gateway`] relays every connection to an upstream server: a raw [`Handler`].
 //!
 //! [`Handler`]: crate::Handler
@@ -15,7 +16,7 @@ mod gateway;
 mod handshake;
 mod line_echo;
 
-pub use chat::{Chat, ChatMessage, LOBBY, MAX_NAME_LENGTH};
+pub use chat::{Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_NAME_LENGTH, WHO_LIMIT};
 pub use echo::Echo;
 pub use gateway::{Gateway, CONNECT_TIMEOUT};
 pub use handshake::{Handshake, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME};

@@ -88,7 +88,7 @@ pub async fn round_trip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
 }
 
 /// Starts a server running the protocol `P` on a free port.
-pub async fn serve<P>() -> linedancer::ServerHandle
+pub async fn serve<P>() -> linedancer::ServerHandle<P::Message>
 where
     P: linedancer::Protocol,
     P::Codec: Default + Clone + Sync,

@@ -1,0 +1,84 @@
+//! Why a connection ended: the [`CloseReason`] that the driver, the connection set and
+//! the counters all speak of.
+
+use std::fmt;
+use std::io;
+
+/// Why a connection ended. Every connection that ends gets one, logged with the
+/// connection's id and state, and counted in [`Stats`](crate::Stats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer closed its side (end of stream); pending replies were delivered.
+    PeerClosed,
+    /// The peer reset the connection or went away while we wrote to it.
+    PeerReset,
+    /// The protocol closed the connection (returned [`Next::Close`](crate::Next::Close) or called
+    /// [`Ctx::close`](crate::Ctx::close)), or a raw [`Handler`](crate::Handler) returned `Ok`.
+    Closed,
+    /// No bytes arrived for the server's idle timeout
+    /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
+    IdleTimeout,
+    /// The protocol's own timeout ([`Ctx::set_timeout`](crate::Ctx::set_timeout)) expired and its
+    /// [`Protocol::timeout`](crate::Protocol::timeout) callback closed the connection.
+    StateTimeout,
+    /// The peer did not take our replies for the send timeout
+    /// ([`Builder::send_timeout`](crate::Builder::send_timeout)): it stopped reading.
+    SendTimeout,
+    /// More replies were waiting to be written than the output limit
+    /// ([`Builder::max_output`](crate::Builder::max_output)) allows: the peer sends
+    /// requests faster than it reads the answers.
+    OutputOverflow,
+    /// More messages waited in the connection's mailbox than its capacity
+    /// ([`Builder::mailbox_capacity`](crate::Builder::mailbox_capacity)): the connection
+    /// could not keep up with what was sent to it.
+    MailboxOverflow,
+    /// The peer sent bytes the codec rejects, such as a frame over the codec's maximum
+    /// length or invalid UTF-8 in a line protocol. The text is the codec's error.
+    BadFrame(String),
+    /// A reply could not be encoded. The text is the codec's error.
+    BadReply(String),
+    /// The protocol or handler panicked; the text is the panic's message. Only this
+    /// connection ends.
+    Panic(String),
+    /// The server's drain timeout ended while the connection was still open.
+    Shutdown,
+    /// Another I/O error on the socket.
+    Io(String),
+}
+
+impl CloseReason {
+    /// Sorts a socket error: a reset or broken pipe is the peer's doing, anything else is
+    /// reported with its text.
+    pub(crate) fn from_io(error: &io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof => CloseReason::PeerReset,
+            _ => CloseReason::Io(error.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed"),
+            CloseReason::PeerReset => f.write_str("peer reset"),
+            CloseReason::Closed => f.write_str("closed by protocol"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::StateTimeout => f.write_str("state timeout"),
+            CloseReason::SendTimeout => f.write_str("send timeout: the peer stopped reading"),
+            CloseReason::OutputOverflow => {
+                f.write_str("output overflow: replies piled up past the limit")
+            }
+            CloseReason::MailboxOverflow => f.write_str("mailbox overflow"),
+            CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
+            CloseReason::BadReply(e) => write!(f, "bad reply: {e}"),
+            CloseReason::Panic(e) => write!(f, "panic: {e}"),
+            CloseReason::Shutdown => f.write_str("server shutdown"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
