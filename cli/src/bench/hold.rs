@@ -11,47 +11,58 @@ use tokio::time::{sleep, Instant};
 
 use super::net::{within, Exchange};
 use super::progress::Progress;
-use super::report::Measured;
+use super::report::{Measured, Memory};
 use super::tally::Tally;
 use super::Config;
 
 /// Connects (and checks) in flight at once.
 const PARALLEL: usize = 256;
 
-/// Opens, holds and checks the connections; with `--pid`, notes the server's memory
-/// before the first connect and at the end of the hold, with every connection open,
-/// and its CPU time over the check.
+/// Opens, holds and checks the connections; with `--pid`, reads the server's memory
+/// and sockets before the first connect and at the end of the hold, with every
+/// connection open, and its CPU time over the check.
 pub async fn run(config: &Arc<Config>) -> Measured {
-    let counter = Arc::new(AtomicU64::new(0));
-    let progress = Progress::start(Arc::clone(&counter));
+    let (connected, checked) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let progress = Progress::start("open", &connected);
     let server = config.server.as_ref();
     let mut tally = Tally::new();
 
-    progress.phase("open");
-    let rss_before = server.and_then(|s| s.rss());
+    let mut memory = server.map(|s| Memory {
+        fds_before: s.descriptors(),
+        rss_before: s.rss(),
+        ..Memory::default()
+    });
     let connects = (0..config.conns).map(|index| {
         let config = Arc::clone(config);
         async move { (index, within(config.target.connect(index)).await) }
     });
     let mut streams = Vec::with_capacity(config.conns);
-    for (index, result) in limited(connects, &counter).await {
+    let mut open_failures = 0;
+    for (index, result) in limited(connects, &connected).await {
         match result {
             Ok(stream) => {
                 tally.opened += 1;
                 streams.push((index, stream));
             }
-            Err(failure) => tally.failed(failure),
+            Err(failure) => {
+                open_failures += 1;
+                tally.failed(failure);
+            }
         }
     }
 
     progress.phase("hold");
     sleep(config.duration).await;
     // Read only now, so that the server has had the hold to accept every connection
-    // the kernel completed for it.
-    let rss_after = server.and_then(|s| s.rss());
+    // the kernel completed for it; its sockets first, so that the memory read after
+    // them has every connection they count.
+    if let (Some(memory), Some(server)) = (memory.as_mut(), server) {
+        memory.fds_after = server.descriptors();
+        memory.rss_after = server.rss();
+        memory.open_failures = open_failures;
+    }
 
-    progress.phase("check");
-    counter.store(0, Ordering::Relaxed);
+    progress.count("check", &checked);
     let (size, lines) = (config.size, config.lines);
     let checks = streams.into_iter().map(|(index, mut stream)| async move {
         let mut exchange = Exchange::new(index, size, 1, lines);
@@ -62,7 +73,7 @@ pub async fn run(config: &Arc<Config>) -> Measured {
     });
     let cpu_before = server.and_then(|s| s.cpu_time());
     let started = Instant::now();
-    for result in limited(checks, &counter).await {
+    for result in limited(checks, &checked).await {
         match result {
             Ok(latency) => tally.request(latency),
             Err(failure) => tally.failed(failure),
@@ -73,11 +84,11 @@ pub async fn run(config: &Arc<Config>) -> Measured {
     progress.finish();
     Measured {
         tally,
+        warmup: Tally::new(),
         window,
         cpu_before,
         cpu_after,
-        rss_before,
-        rss_after,
+        memory,
     }
 }
 

@@ -78,8 +78,8 @@ pub struct BenchArgs {
     /// bytes and a `\n`.
     #[arg(long)]
     lines: bool,
-    /// The server's process id: report its CPU time per request and, in hold mode, its
-    /// memory per connection, from /proc.
+    /// The server's process id: report its CPU time per request and, in hold mode, the
+    /// memory each connection of the run added to it, from /proc.
     #[arg(long, value_name = "PID")]
     pid: Option<u32>,
     /// Print one JSON object on stdout instead of the report.
@@ -104,17 +104,40 @@ pub struct BenchArgs {
     ///                               the batch to the message's last byte back
     ///                               (connect: from the connect on)
     ///   errors                      {refused, reset, timeout, mismatch, eof,
-    ///                               other}: counts over the whole run, warmup
-    ///                               included (RUST_LOG=debug shows each)
+    ///                               other}: counts after the warmup (hold: over
+    ///                               the whole run); RUST_LOG=debug shows each
     ///   errors_total                their sum
-    ///   connections_opened          connections established over the whole run
+    ///   connections_opened          connections established after the warmup
+    ///                               (hold: over the whole run)
+    ///   warmup                      {requests, errors, errors_total,
+    ///                               connections_opened}: what the warmup
+    ///                               counted, none of it in the fields above
+    ///                               (all 0 in hold mode, or with --warmup 0s)
     ///   server_cpu_us_per_request   with --pid: the server's CPU time (user +
     ///                               system) in the window / requests; else null
     ///   server_rss_before_bytes, server_rss_after_bytes
     ///                               hold with --pid: the server's VmRSS before
     ///                               opening, and at the end of the hold with all
     ///                               open; else null
-    ///   server_rss_per_conn_bytes   their difference / connections_opened
+    ///   server_sockets_before, server_sockets_after
+    ///                               hold with --pid: the server's open sockets
+    ///                               at the same two times, from /proc/PID/fd;
+    ///                               null where that cannot be read
+    ///   server_rss_per_conn_bytes   hold with --pid: the memory each connection
+    ///                               of this run added to the server: (its VmRSS
+    ///                               after - before) / connections_opened, so
+    ///                               connections it held before the run cancel
+    ///                               out. Null when that says nothing: some
+    ///                               connection failed to open; its VmRSS did not
+    ///                               grow; or, checked when /proc/PID/fd can be
+    ///                               read, its sockets did not grow by
+    ///                               connections_opened, or it had closed
+    ///                               descriptors before the run (its descriptor
+    ///                               table, FDSize, is larger than its open ones
+    ///                               need), whose memory new connections may reuse
+    ///   server_rss_per_conn_unmeasured
+    ///                               why server_rss_per_conn_bytes is null, as a
+    ///                               sentence; null when it is a number
     #[arg(long, verbatim_doc_comment)]
     json: bool,
 }

@@ -1,5 +1,7 @@
 //! The timed modes' driver (echo and connect): one worker per connection for the
-//! warmup and the duration, counting what completes after the warmup.
+//! warmup and the duration. What happens after the warmup (messages echoed,
+//! connections opened, errors) is the report's; what happens in the warmup is counted
+//! apart, for the progress line and the report's `warmup`.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,14 +31,33 @@ pub struct Worker {
     pub index: usize,
     /// The run's settings.
     pub config: Arc<Config>,
-    /// Requests are counted from here on (the end of the warmup)...
+    /// The end of the warmup: what happens from here on counts in the report...
     start: Instant,
     /// ...until here, where the worker stops.
     end: Instant,
-    /// Where the counts go.
+    /// The counts of the warmup.
+    warmup: Counts,
+    /// The counts from `start` on, the report's numbers.
+    measured: Counts,
+}
+
+/// Where one phase of the run counts: its tallies, and its count of messages echoed
+/// for the progress line.
+#[derive(Debug, Clone)]
+struct Counts {
+    /// Requests, connections opened and errors.
     tallies: Arc<Tallies>,
-    /// Messages echoed so far, warmup included, for the progress line.
+    /// Messages echoed, for the progress line.
     progress: Arc<AtomicU64>,
+}
+
+impl Counts {
+    fn new(shards: usize) -> Self {
+        Counts {
+            tallies: Arc::new(Tallies::new(shards)),
+            progress: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 impl Worker {
@@ -45,11 +66,21 @@ impl Worker {
         Instant::now() < self.end
     }
 
+    /// The counts of the phase that `at` falls in.
+    fn counts(&self, at: Instant) -> &Counts {
+        if at < self.start {
+            &self.warmup
+        } else {
+            &self.measured
+        }
+    }
+
     /// Connects, or counts the error and backs off: `None` then, or when the run ends.
     pub async fn connect(&self) -> Option<TcpStream> {
         match before(self.end, self.config.target.connect(self.index)).await? {
             Ok(stream) => {
-                self.tallies.lock(self.index).opened += 1;
+                let counts = self.counts(Instant::now());
+                counts.tallies.lock(self.index).opened += 1;
                 Some(stream)
             }
             Err(failure) => {
@@ -59,9 +90,10 @@ impl Worker {
         }
     }
 
-    /// Runs the next exchange on `stream` and counts the messages echoed after the
-    /// warmup, each with its latency from `start`. Whether the connection can go on:
-    /// not after an error (counted, then backed off from) or once the run is over.
+    /// Runs the next exchange on `stream` and counts the messages echoed, each with its
+    /// latency from `start`, in the phase it was echoed in. Whether the connection can
+    /// go on: not after an error (counted, then backed off from) or once the run is
+    /// over.
     pub async fn exchange(
         &self,
         start: Instant,
@@ -69,12 +101,18 @@ impl Worker {
         exchange: &mut Exchange,
     ) -> bool {
         let result = before(self.end, exchange.run(stream)).await;
+        // In the order they were echoed: those of the warmup first.
         let done = exchange.done();
-        self.progress
-            .fetch_add(done.len() as u64, Ordering::Relaxed);
-        {
-            let mut tally = self.tallies.lock(self.index);
-            for &at in done.iter().filter(|&&at| at >= self.start) {
+        let (in_warmup, measured) = done.split_at(done.partition_point(|&at| at < self.start));
+        for (counts, done) in [(&self.warmup, in_warmup), (&self.measured, measured)] {
+            if done.is_empty() {
+                continue;
+            }
+            counts
+                .progress
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            let mut tally = counts.tallies.lock(self.index);
+            for &at in done {
                 tally.request(at - start);
             }
         }
@@ -88,29 +126,30 @@ impl Worker {
         }
     }
 
-    /// Counts an error, then waits a little (not past the end) before going on.
+    /// Counts an error in the phase it happened in, then waits a little (not past the
+    /// end) before going on.
     async fn failed(&self, failure: Failure) {
-        self.tallies.lock(self.index).failed(failure);
-        sleep_until((Instant::now() + BACK_OFF).min(self.end)).await;
+        let now = Instant::now();
+        self.counts(now).tallies.lock(self.index).failed(failure);
+        sleep_until((now + BACK_OFF).min(self.end)).await;
     }
 }
 
 /// Runs `worker` for each of the `--conns` connections through the warmup and the
 /// duration, and gathers what they counted in the window after the warmup, with the
-/// server's CPU time over that window.
+/// server's CPU time over that window; the warmup's counts come apart.
 pub async fn run<F, Fut>(config: &Arc<Config>, worker: F) -> Measured
 where
     F: Fn(Worker) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let counter = Arc::new(AtomicU64::new(0));
-    let progress = Progress::start(Arc::clone(&counter));
-    progress.phase(if config.warmup.is_zero() {
-        "measure"
+    let shards = config.threads * SHARDS_PER_THREAD;
+    let (warmup, measured) = (Counts::new(shards), Counts::new(shards));
+    let progress = if config.warmup.is_zero() {
+        Progress::start("measure", &measured.progress)
     } else {
-        "warmup"
-    });
-    let tallies = Arc::new(Tallies::new(config.threads * SHARDS_PER_THREAD));
+        Progress::start("warmup", &warmup.progress)
+    };
     let start = Instant::now() + config.warmup;
     let end = start + config.duration;
     let mut workers = JoinSet::new();
@@ -120,24 +159,24 @@ where
             config: Arc::clone(config),
             start,
             end,
-            tallies: Arc::clone(&tallies),
-            progress: Arc::clone(&counter),
+            warmup: warmup.clone(),
+            measured: measured.clone(),
         }));
     }
     let server = config.server.as_ref();
     sleep_until(start).await;
     let cpu_before = server.and_then(|s| s.cpu_time());
-    progress.phase("measure");
+    progress.count("measure", &measured.progress);
     sleep_until(end).await;
     let cpu_after = server.and_then(|s| s.cpu_time());
     workers.join_all().await;
     progress.finish();
     Measured {
-        tally: tallies.total(),
+        tally: measured.tallies.total(),
+        warmup: warmup.tallies.total(),
         window: config.duration,
         cpu_before,
         cpu_after,
-        rss_before: None,
-        rss_after: None,
+        memory: None,
     }
 }
