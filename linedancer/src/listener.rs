@@ -158,6 +158,10 @@ pub(crate) async fn accept_loop<H: Service>(
             }
             _ => {}
         }
+        // Enabled before each reservation and kept until it fires, so that no request
+        // for a slot is missed, at no cost per accept.
+        let mut wanted = pin!(connections.slot_wanted());
+        wanted.as_mut().enable();
         loop {
             let reservation = tokio::select! {
                 biased;
@@ -167,6 +171,14 @@ pub(crate) async fn accept_loop<H: Service>(
             let accepted = tokio::select! {
                 biased;
                 () = &mut changed => break,
+                () = wanted.as_mut() => {
+                    // A stream handed to the server waits for a slot: it gets this one,
+                    // and this acceptor queues for the next.
+                    drop(reservation);
+                    wanted.set(connections.slot_wanted());
+                    wanted.as_mut().enable();
+                    continue;
+                }
                 accepted = listener.accept() => accepted,
             };
             match accepted {

@@ -657,6 +657,21 @@ impl<M: Send + 'static> ServerHandle<M> {
     /// Sends `message` to the mailbox of connection `to`, for its protocol's
     /// [`message`](Protocol::message) callback. Never blocks.
     ///
+    /// The message's type is the protocol's: anything else is refused by the compiler,
+    /// and so is any message to the connections of a raw handler.
+    ///
+    /// ```compile_fail
+    /// # fn f(server: linedancer::ServerHandle<u32>, id: linedancer::ConnectionId) {
+    /// server.send_to(id, "not a u32");
+    /// # }
+    /// ```
+    ///
+    /// ```compile_fail
+    /// # fn f(server: linedancer::ServerHandle<std::convert::Infallible>) {
+    /// server.send_to(linedancer::ConnectionId(1), ());
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`SendError`]: the connection is not open, or its mailbox is full (it is then
@@ -709,7 +724,7 @@ impl<M: Send + 'static> ServerHandle<M> {
         let reservation = tokio::select! {
             biased;
             () = inner.gate.stopped() => return Err(Error::Stopped),
-            reservation = inner.connections.reserve() => reservation,
+            reservation = inner.connections.reserve_handed() => reservation,
         };
         Ok((inner.spawn)(reservation, Box::new(stream), peer))
     }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -69,8 +69,11 @@ impl LineClient {
 /// Sends `data` through `stream` in random-sized chunks while reading what comes
 /// back, shuts the write side when all is sent, and returns everything read until the
 /// other side closes.
-pub async fn round_trip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
-    let (mut reader, mut writer) = stream.into_split();
+pub async fn round_trip<T>(stream: T, data: &[u8]) -> Vec<u8>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let sent = data.to_vec();
     let write = tokio::spawn(async move {
         let mut rest = &sent[..];
