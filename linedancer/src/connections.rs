@@ -235,6 +235,10 @@ pub struct Limits {
 }
 
 /// What a connection's task shares with the connection set.
+///
+/// The task reads `signal` and writes `bytes` on every wake-up: they come first, in a
+/// cache line of their own (`align(64)`), away from the reference counts and the rest.
+#[repr(C, align(64))]
 struct Shared<M> {
     signal: Signal,
     bytes: ByteCounts,

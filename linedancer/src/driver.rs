@@ -6,16 +6,17 @@
 //! shutdown signals. Everything protocol-specific lives in the sans-IO
 //! [`Session`](crate::protocol::Session); this module only moves bytes and time.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use pin_project_lite::pin_project;
+use tokio::io::AsyncWrite;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tokio_util::io::poll_read_buf;
@@ -23,7 +24,7 @@ use tracing::field::display;
 use tracing::Span;
 
 use crate::close::CloseReason;
-use crate::connections::{Connection, Event};
+use crate::connections::{Connection, Event, Limits};
 use crate::handler::{sealed, Service};
 use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
 use crate::stats::Bytes;
@@ -78,250 +79,430 @@ where
 {
     type Message = P::Message;
 
-    // Not an `async fn`: its future would hold the stream and the connection a second
-    // time beside the driver's own.
     fn serve<T: Stream>(
         &self,
         stream: T,
         conn: Connection<P::Message>,
     ) -> impl Future<Output = io::Result<()>> + Send {
-        drive::<P, S, T>(stream, self.codec.clone(), Arc::clone(&self.state), conn)
+        Drive::<P, S, T>::connect(stream, self.codec.clone(), Arc::clone(&self.state), conn)
     }
 }
 
-/// Serves one connection until it closes, and records why; the reason is the close's
-/// whole story, so this never fails.
-async fn drive<P, S, T>(
-    mut stream: T,
-    codec: P::Codec,
-    state: Arc<S>,
-    conn: Connection<P::Message>,
-) -> io::Result<()>
+pin_project! {
+    /// One connection served by a protocol, from connect to close: a future written by
+    /// hand rather than an `async fn`, so that what every request touches lies together
+    /// at its start (`repr(C)` keeps the order written). With a thousand connections a
+    /// request finds its connection out of the cache, and each cache line its state
+    /// spans costs a miss.
+    #[repr(C)]
+    struct Drive<P: Protocol<S>, S, T> {
+        // What every request touches.
+        // The waker registered for events, so that it is not registered on every
+        // wake-up.
+        registered: Option<Waker>,
+        bytes: Bytes,
+        // The state name last recorded.
+        state: &'static str,
+        // Replies wait to be written, or were written and are not yet flushed (TLS).
+        unflushed: bool,
+        draining: bool,
+        // The protocol's timer runs.
+        armed: bool,
+        // The send timer runs.
+        sending: bool,
+        stream: T,
+        session: Session<P, S>,
+        conn: Connection<P::Message>,
+        // What only some requests touch.
+        // The protocol's timer.
+        timer: Option<Pin<Box<Sleep>>>,
+        // Runs while replies wait for a peer that is slow to take them; pushed back
+        // whenever it takes some.
+        send_timer: Option<Pin<Box<Sleep>>>,
+        // The idle timer and the time of the last input. It is pushed back lazily: a
+        // read only notes the time, and the timer, when it fires early, sleeps again
+        // until the real deadline.
+        idle: Option<(Pin<Box<Sleep>>, Instant)>,
+        // Work started with `Ctx::spawn`, made on first use; dropped, and so
+        // cancelled, with the connection.
+        spawned: Option<JoinSet<P::Message>>,
+        // Set once the protocol has closed and unread input is being drained.
+        linger: Option<Linger>,
+        limits: Limits,
+        span: Span,
+    }
+}
+
+/// After the protocol has closed: our side is shut, and what the peer still sends is
+/// read and discarded until it closes, for a bounded time and amount, so that the
+/// kernel sends a FIN after our last reply rather than a reset that could destroy it.
+struct Linger {
+    shut: bool,
+    discarded: usize,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<P, S, T> Drive<P, S, T>
 where
     P: Protocol<S>,
-    S: Send + Sync + 'static,
     T: Stream,
 {
-    let span = Span::current();
-    let limits = conn.limits();
-    let peer = Peer {
-        id: conn.id(),
-        peer_addr: conn.peer_addr().clone(),
-        local_addr: conn.local_addr().clone(),
-    };
-    let mut session = Session::<P, S>::connect(codec, peer, state, limits.max_output);
-    let mut state = session.state_name();
-    span.record("state", display(state));
-    conn.record_state(state);
-    // Work started with `Ctx::spawn`, made on first use; dropped, and so cancelled,
-    // with the connection.
-    let mut spawned: Option<JoinSet<P::Message>> = None;
+    /// Starts serving: calls [`Protocol::connect`].
+    fn connect(stream: T, codec: P::Codec, state: Arc<S>, conn: Connection<P::Message>) -> Self {
+        let span = Span::current();
+        let limits = conn.limits();
+        let peer = Peer {
+            id: conn.id(),
+            peer_addr: conn.peer_addr().clone(),
+            local_addr: conn.local_addr().clone(),
+        };
+        let session = Session::<P, S>::connect(codec, peer, state, limits.max_output);
+        let state = session.state_name();
+        span.record("state", display(state));
+        conn.record_state(state);
+        let idle = limits
+            .idle_timeout
+            .map(|after| (Box::pin(sleep(after)), Instant::now()));
+        Drive {
+            registered: None,
+            bytes: Bytes::default(),
+            state,
+            unflushed: false,
+            draining: false,
+            armed: false,
+            sending: false,
+            stream,
+            session,
+            conn,
+            timer: None,
+            send_timer: None,
+            idle,
+            spawned: None,
+            linger: None,
+            limits,
+            span,
+        }
+    }
+}
 
-    let mut bytes = Bytes::default();
-    // Replies wait to be written, or were written and are not yet flushed (TLS).
-    let mut unflushed = false;
-    let mut draining = false;
-    // The waker registered for events, so that it is not registered on every wake-up.
-    let mut registered = None;
-    // The protocol's timer.
-    let mut timer: Option<Pin<Box<Sleep>>> = None;
-    let mut armed = false;
-    // Runs while replies wait for a peer that is slow to take them; pushed back
-    // whenever it takes some.
-    let mut send_timer: Option<Pin<Box<Sleep>>> = None;
-    let mut sending = false;
-    // The idle timer is pushed back lazily: a read only notes the time, and the timer,
-    // when it fires early, sleeps again until the real deadline.
-    let mut idle = limits
-        .idle_timeout
-        .map(|after| (Box::pin(sleep(after)), Instant::now()));
+impl<P, S, T> Future for Drive<P, S, T>
+where
+    P: Protocol<S>,
+    T: Stream,
+{
+    type Output = io::Result<()>;
 
-    // Why the connection was cut short; `None` when it closed as the session says.
-    let cut = loop {
-        if session.has_effects() {
-            for effect in session.take_effects() {
-                carry_out(effect, &conn, &mut spawned);
+    /// Serves until the connection closes, and records why; the reason is the close's
+    /// whole story, so this never fails.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let mut drive = Parts {
+            registered: this.registered,
+            bytes: this.bytes,
+            state: this.state,
+            unflushed: this.unflushed,
+            draining: this.draining,
+            armed: this.armed,
+            sending: this.sending,
+            stream: this.stream,
+            session: this.session,
+            conn: this.conn,
+            timer: this.timer,
+            send_timer: this.send_timer,
+            idle: this.idle,
+            spawned: this.spawned,
+            limits: this.limits,
+            span: this.span,
+        };
+        let cut = match this.linger {
+            Some(linger) => {
+                ready!(drive.poll_linger(linger, cx));
+                None
             }
-        }
-        if !session.output.is_empty() || unflushed {
-            // Most replies fit in the socket buffer: write them at once, and wait for
-            // the peer only when some are left. No waker is registered here; the
-            // select below registers one if the stream cannot take them all.
-            let (written, sent) = poll_send(
-                &mut stream,
-                &mut session.output,
-                &mut Context::from_waker(Waker::noop()),
-            );
-            unflushed = match sent {
-                Poll::Ready(Ok(())) => false,
-                Poll::Ready(Err(e)) => break Some(CloseReason::from_io(&e)),
-                Poll::Pending => true,
-            };
-            if written > 0 {
-                bytes.written += written as u64;
-                conn.record_bytes(bytes.read, bytes.written);
-            }
-            if unflushed && (!sending || written > 0) {
-                let deadline = Instant::now() + limits.send_timeout;
-                match &mut send_timer {
-                    Some(sleep) => sleep.as_mut().reset(deadline),
-                    None => send_timer = Some(Box::pin(sleep_until(deadline))),
+            None => match ready!(drive.poll_serve(cx)) {
+                // Closed by the protocol, its replies written: wait for the peer's FIN
+                // unless it has sent it already.
+                None if drive.session.closing() != Some(&CloseReason::PeerClosed) => {
+                    let linger = this.linger.insert(Linger {
+                        shut: false,
+                        discarded: 0,
+                        deadline: Box::pin(sleep(LINGER_TIME)),
+                    });
+                    ready!(drive.poll_linger(linger, cx));
+                    None
                 }
-                sending = true;
-            }
-        }
-        // Replies still waiting for the peer, in bytes.
-        let waiting = session.output.len();
-        let pending = unflushed;
-        if !pending {
-            if sending {
-                sending = false;
-                if let Some((_, last_input)) = &mut idle {
-                    // Waiting for the peer to read is not idleness.
-                    *last_input = Instant::now();
+                cut => cut,
+            },
+        };
+        drive.finish(cut);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The fields of a [`Drive`], borrowed for one poll.
+struct Parts<'a, P: Protocol<S>, S, T> {
+    registered: &'a mut Option<Waker>,
+    bytes: &'a mut Bytes,
+    state: &'a mut &'static str,
+    unflushed: &'a mut bool,
+    draining: &'a mut bool,
+    armed: &'a mut bool,
+    sending: &'a mut bool,
+    stream: &'a mut T,
+    session: &'a mut Session<P, S>,
+    conn: &'a mut Connection<P::Message>,
+    timer: &'a mut Option<Pin<Box<Sleep>>>,
+    send_timer: &'a mut Option<Pin<Box<Sleep>>>,
+    idle: &'a mut Option<(Pin<Box<Sleep>>, Instant)>,
+    spawned: &'a mut Option<JoinSet<P::Message>>,
+    limits: &'a Limits,
+    span: &'a Span,
+}
+
+impl<P, S, T> Parts<'_, P, S, T>
+where
+    P: Protocol<S>,
+    T: Stream,
+{
+    /// Serves until the session closes (`None`, its replies written) or the
+    /// connection is cut short (`Some` reason: an error, a timeout, the server).
+    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
+        loop {
+            if self.session.has_effects() {
+                for effect in self.session.take_effects() {
+                    carry_out(effect, self.conn, self.spawned);
                 }
             }
-            if session.is_paused() {
-                // The replies that paused decoding have gone: decode the rest.
-                session.decode(false);
-                continue;
-            }
-        }
-        if session.state_name() != state {
-            state = session.state_name();
-            span.record("state", display(state));
-            conn.record_state(state);
-        }
-        if !pending && session.closing().is_some() {
-            if session.closing() != Some(&CloseReason::PeerClosed) {
-                linger(&mut stream, &mut session.input, &conn).await;
-            }
-            break None;
-        }
-        match session.take_timer() {
-            Some(Timer::Arm(after)) => {
-                let deadline = Instant::now() + after;
-                match &mut timer {
-                    Some(sleep) => sleep.as_mut().reset(deadline),
-                    None => timer = Some(Box::pin(sleep_until(deadline))),
+            if !self.session.output.is_empty() || *self.unflushed {
+                // Most replies fit in the socket buffer: write them at once, and wait
+                // for the peer only when some are left. No waker is registered here;
+                // one is below if the stream cannot take them all.
+                let noop = &mut Context::from_waker(Waker::noop());
+                let (written, sent) = poll_send(self.stream, &mut self.session.output, noop);
+                *self.unflushed = match sent {
+                    Poll::Ready(Ok(())) => false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(CloseReason::from_io(&e))),
+                    Poll::Pending => true,
+                };
+                self.count_written(written);
+                if *self.unflushed && (!*self.sending || written > 0) {
+                    let deadline = Instant::now() + self.limits.send_timeout;
+                    match self.send_timer {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => *self.send_timer = Some(Box::pin(sleep_until(deadline))),
+                    }
+                    *self.sending = true;
                 }
-                armed = true;
             }
-            Some(Timer::Clear) => armed = false,
-            None => {}
+            // Replies still waiting for the peer, in bytes.
+            let waiting = self.session.output.len();
+            let pending = *self.unflushed;
+            if !pending {
+                if *self.sending {
+                    *self.sending = false;
+                    if let Some((_, last_input)) = self.idle {
+                        // Waiting for the peer to read is not idleness.
+                        *last_input = Instant::now();
+                    }
+                }
+                if self.session.is_paused() {
+                    // The replies that paused decoding have gone: decode the rest.
+                    self.session.decode(false);
+                    continue;
+                }
+            }
+            if self.session.state_name() != *self.state {
+                *self.state = self.session.state_name();
+                self.span.record("state", display(*self.state));
+                self.conn.record_state(self.state);
+            }
+            if !pending && self.session.closing().is_some() {
+                return Poll::Ready(None);
+            }
+            match self.session.take_timer() {
+                Some(Timer::Arm(after)) => {
+                    let deadline = Instant::now() + after;
+                    match self.timer {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => *self.timer = Some(Box::pin(sleep_until(deadline))),
+                    }
+                    *self.armed = true;
+                }
+                Some(Timer::Clear) => *self.armed = false,
+                None => {}
+            }
+            // The next event, in order of priority: the server's and other
+            // connections', the stream, the protocol's timer, spawned work, the send
+            // and idle timeouts.
+            match self.poll_next(pending, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(cut)) => return Poll::Ready(Some(cut)),
+                Poll::Pending => return Poll::Pending,
+            }
+            if self.session.overflowed(waiting) {
+                return Poll::Ready(Some(CloseReason::OutputOverflow));
+            }
         }
-        tokio::select! {
-            biased;
-            event = poll_fn(|cx| conn.poll_event(cx, !draining, &mut registered)) => match event {
-                Event::Abort => break Some(CloseReason::Shutdown),
-                Event::Overflow => break Some(CloseReason::MailboxOverflow),
+    }
+
+    /// Waits for the next event and hands it to the session; `Err` when it cuts the
+    /// connection short.
+    fn poll_next(&mut self, pending: bool, cx: &mut Context<'_>) -> Poll<Result<(), CloseReason>> {
+        let draining = *self.draining;
+        if let Poll::Ready(event) = self.conn.poll_event(cx, !draining, self.registered) {
+            match event {
+                Event::Abort => return Poll::Ready(Err(CloseReason::Shutdown)),
+                Event::Overflow => return Poll::Ready(Err(CloseReason::MailboxOverflow)),
                 Event::Drain => {
-                    draining = true;
-                    session.shutdown();
+                    *self.draining = true;
+                    self.session.shutdown();
                 }
                 Event::Mail => {
-                    for message in conn.take_mail() {
-                        session.message(message);
+                    for message in self.conn.take_mail() {
+                        self.session.message(message);
                     }
                 }
-            },
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if pending {
             // While replies wait, nothing more is read: a peer that sends without
             // reading is held back, and meets the send timeout if it never reads.
-            io = poll_fn(|cx| {
-                if pending {
-                    // Ready once some replies went (the top of the loop counts them
-                    // and writes the rest) or the stream failed.
-                    return match poll_send(&mut stream, &mut session.output, cx) {
-                        (0, Poll::Pending) => Poll::Pending,
-                        (written, Poll::Pending) => Poll::Ready(Io::Sent(written, Ok(false))),
-                        (written, Poll::Ready(done)) => {
-                            Poll::Ready(Io::Sent(written, done.map(|()| true)))
-                        }
-                    };
-                }
-                // A waiting connection holds no read buffer: the one taken for a read
-                // that would block goes back to the pool at once, and so does a large
-                // output buffer.
-                buffers::fill(&mut session.input);
-                let read = poll_read_buf(Pin::new(&mut stream), cx, &mut session.input);
-                if read.is_pending() {
-                    buffers::recycle(&mut session.input, 0);
-                    buffers::recycle(&mut session.output, buffers::KEEP_OUTPUT);
-                }
-                read.map(Io::Read)
-            }) => match io {
-                Io::Sent(written, done) => {
-                    bytes.written += written as u64;
-                    conn.record_bytes(bytes.read, bytes.written);
-                    match done {
-                        Ok(done) => unflushed = !done,
-                        Err(e) => break Some(CloseReason::from_io(&e)),
+            // Ready once some replies went (the top of the loop writes the rest) or
+            // the stream failed.
+            match poll_send(self.stream, &mut self.session.output, cx) {
+                (0, Poll::Pending) => {}
+                (written, sent) => {
+                    self.count_written(written);
+                    match sent {
+                        Poll::Ready(Ok(())) => *self.unflushed = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(CloseReason::from_io(&e))),
+                        Poll::Pending => {}
                     }
+                    return Poll::Ready(Ok(()));
                 }
-                Io::Read(Ok(n)) => {
+            }
+        } else {
+            // A waiting connection holds no read buffer: the one taken for a read that
+            // would block goes back to the pool at once, and so does a large output
+            // buffer.
+            let input = &mut self.session.input;
+            buffers::fill(input);
+            match poll_read_buf(Pin::new(&mut *self.stream), cx, input) {
+                Poll::Pending => {
+                    buffers::recycle(input, 0);
+                    buffers::recycle(&mut self.session.output, buffers::KEEP_OUTPUT);
+                }
+                Poll::Ready(Ok(n)) => {
                     if n > 0 {
-                        bytes.read += n as u64;
-                        conn.record_bytes(bytes.read, bytes.written);
-                        if let Some((_, last_input)) = &mut idle {
+                        self.bytes.read += n as u64;
+                        self.conn.record_bytes(self.bytes.read, self.bytes.written);
+                        if let Some((_, last_input)) = self.idle {
                             *last_input = Instant::now();
                         }
                     }
-                    session.decode(n == 0);
+                    self.session.decode(n == 0);
+                    return Poll::Ready(Ok(()));
                 }
-                Io::Read(Err(e)) => break Some(CloseReason::from_io(&e)),
-            },
-            () = async { timer.as_mut().expect("armed implies a timer").await }, if armed => {
-                armed = false;
-                session.timeout();
-            }
-            Some(done) = async { spawned.as_mut().expect("checked").join_next().await },
-                if spawned.as_ref().is_some_and(|work| !work.is_empty()) => match done {
-                Ok(message) => {
-                    session.message(message);
-                }
-                Err(e) if e.is_panic() => {
-                    break Some(CloseReason::Panic(format!("in spawned work: {e}")));
-                }
-                Err(_) => {}
-            },
-            () = async { send_timer.as_mut().expect("sending implies a timer").await }, if sending => {
-                break Some(CloseReason::SendTimeout);
-            }
-            () = async { idle.as_mut().expect("checked").0.as_mut().await }, if !pending && idle.is_some() => {
-                let (sleep, last_input) = idle.as_mut().expect("checked");
-                let deadline = *last_input + limits.idle_timeout.expect("idle implies a timeout");
-                if deadline <= Instant::now() {
-                    break Some(CloseReason::IdleTimeout);
-                }
-                sleep.as_mut().reset(deadline);
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(CloseReason::from_io(&e))),
             }
         }
-        if overflowed(waiting, &session.output, limits.max_output) {
-            break Some(CloseReason::OutputOverflow);
+        if *self.armed {
+            if let Some(timer) = self.timer {
+                if timer.as_mut().poll(cx).is_ready() {
+                    *self.armed = false;
+                    self.session.timeout();
+                    return Poll::Ready(Ok(()));
+                }
+            }
         }
-    };
-    // What is left unread or unwritten is discarded with the connection; the buffers
-    // go back to the pool, so that a new connection does not allocate its own.
-    session.input.clear();
-    session.output.clear();
-    buffers::recycle(&mut session.input, 0);
-    buffers::recycle(&mut session.output, 0);
-    let (reason, effects) = session.finish(cut);
-    // Work spawned now would outlive the connection: only messages go out.
-    for effect in effects {
-        if !matches!(effect, Effect::Spawn(_)) {
-            carry_out(effect, &conn, &mut spawned);
+        if let Some(work) = self.spawned.as_mut().filter(|work| !work.is_empty()) {
+            if let Poll::Ready(Some(done)) = work.poll_join_next(cx) {
+                match done {
+                    Ok(message) => self.session.message(message),
+                    Err(e) if e.is_panic() => {
+                        let reason = format!("in spawned work: {e}");
+                        return Poll::Ready(Err(CloseReason::Panic(reason)));
+                    }
+                    Err(_) => {}
+                }
+                return Poll::Ready(Ok(()));
+            }
+        }
+        if *self.sending {
+            if let Some(timer) = self.send_timer {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(CloseReason::SendTimeout));
+                }
+            }
+        }
+        if !pending {
+            if let Some((sleep, last_input)) = self.idle {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    let after = self.limits.idle_timeout.expect("idle implies a timeout");
+                    let deadline = *last_input + after;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(Err(CloseReason::IdleTimeout));
+                    }
+                    sleep.as_mut().reset(deadline);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    fn count_written(&mut self, written: usize) {
+        if written > 0 {
+            self.bytes.written += written as u64;
+            self.conn.record_bytes(self.bytes.read, self.bytes.written);
         }
     }
-    conn.record_close(reason);
-    Ok(())
-}
 
-/// What happened on the stream: replies were written (all of them and flushed, with
-/// `Ok(true)`), or none waited and it was read.
-enum Io {
-    Sent(usize, io::Result<bool>),
-    Read(io::Result<usize>),
+    /// Shuts our side, then discards what the peer still sends until it closes, the
+    /// time or amount allowed runs out, or the server's drain ends.
+    fn poll_linger(&mut self, linger: &mut Linger, cx: &mut Context<'_>) -> Poll<()> {
+        if linger.deadline.as_mut().poll(cx).is_ready() || self.conn.poll_abort(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !linger.shut {
+            match Pin::new(&mut *self.stream).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => linger.shut = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let scratch = &mut self.session.input;
+        while linger.discarded < LINGER_BYTES {
+            scratch.clear();
+            buffers::fill(scratch);
+            match poll_read_buf(Pin::new(&mut *self.stream), cx, scratch) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => linger.discarded += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Ends the session for the reason it closed, or `cut`: what is left unread or
+    /// unwritten is discarded, the buffers go back to the pool (so that a new
+    /// connection does not allocate its own), [`Protocol::closed`] is called, and the
+    /// messages it sends go out.
+    fn finish(&mut self, cut: Option<CloseReason>) {
+        self.session.input.clear();
+        self.session.output.clear();
+        buffers::recycle(&mut self.session.input, 0);
+        buffers::recycle(&mut self.session.output, 0);
+        let (reason, effects) = self.session.finish(cut);
+        // Work spawned now would outlive the connection: only messages go out.
+        for effect in effects {
+            if !matches!(effect, Effect::Spawn(_)) {
+                carry_out(effect, self.conn, self.spawned);
+            }
+        }
+        self.conn.record_close(reason);
+    }
 }
 
 /// Writes as much of `output` as the stream takes now, then flushes it once all is
@@ -374,14 +555,6 @@ fn carry_out<M: Send + 'static>(
         Effect::Leave(group) => connections.leave(conn.id(), &group),
         Effect::Spawn(work) => drop(spawned.get_or_insert_with(JoinSet::new).spawn(work)),
     }
-}
-
-/// Whether replies the protocol queued on its own (from a timeout, the shutdown event,
-/// a message, spawned work) while `waiting` bytes of earlier ones still waited for the
-/// peer have piled up past the output limit. Replies to the peer's own requests never
-/// count: nothing is read while replies wait.
-fn overflowed(waiting: usize, output: &BytesMut, max_output: usize) -> bool {
-    waiting > 0 && output.len() > waiting && output.len() > max_output
 }
 
 /// A per-thread pool of read buffers. A connection takes a buffer when bytes arrive
@@ -444,30 +617,5 @@ mod buffers {
                 }
             });
         }
-    }
-}
-
-/// Closes our side and reads what the peer still sends, for a bounded time and amount,
-/// so that the kernel sends a FIN after our last reply rather than a reset that could
-/// destroy it.
-async fn linger<T: Stream, M>(stream: &mut T, scratch: &mut BytesMut, conn: &Connection<M>) {
-    if stream.shutdown().await.is_err() {
-        return;
-    }
-    let discard = async {
-        let mut total = 0;
-        while total < LINGER_BYTES {
-            scratch.clear();
-            buffers::fill(scratch);
-            match stream.read_buf(scratch).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    tokio::select! {
-        () = discard => {}
-        () = tokio::time::sleep(LINGER_TIME) => {}
-        () = poll_fn(|cx| conn.poll_abort(cx)) => {}
     }
 }

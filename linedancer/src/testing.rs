@@ -306,7 +306,7 @@ impl<P: Protocol<S>, S> Harness<P, S> {
             None => {}
         }
         if session.closing().is_some() {
-            if let Some(session) = self.session.take() {
+            if let Some(mut session) = self.session.take() {
                 self.output.extend_from_slice(&session.output);
                 let (reason, effects) = session.finish(None);
                 self.closed = Some(reason);
