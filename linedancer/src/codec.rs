@@ -20,6 +20,40 @@ pub type Raw = BytesCodec;
 /// Length-prefixed frames: a 4-byte big-endian length, then that many bytes. Frames over
 /// 8 MiB are refused by default; see [`LengthDelimitedCodec::builder`] for other
 /// header layouts and limits.
+///
+/// A protocol with this codec gets each frame as a [`BytesMut`] (the payload, without
+/// its length) and sends [`Bytes`](bytes::Bytes) replies, to which the length is
+/// prefixed:
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use linedancer::codec::LengthPrefixed;
+/// use linedancer::{Ctx, Next, Protocol};
+///
+/// /// Answers every frame with its payload reversed.
+/// struct Reverse;
+///
+/// impl Protocol for Reverse {
+///     type Codec = LengthPrefixed;
+///     type Reply = Bytes;
+///     type Message = ();
+///
+///     fn connect(_ctx: &mut Ctx<'_, Self>) -> Self {
+///         Reverse
+///     }
+///
+///     fn frame(&mut self, frame: BytesMut, ctx: &mut Ctx<'_, Self>) -> Next {
+///         let mut payload = frame.to_vec();
+///         payload.reverse();
+///         ctx.send(Bytes::from(payload));
+///         Next::Continue
+///     }
+/// }
+///
+/// let mut conn = linedancer::testing::Harness::<Reverse>::connect();
+/// conn.feed(b"\0\0\0\x03abc");
+/// assert_eq!(&conn.take_output()[..], b"\0\0\0\x03cba");
+/// ```
 pub type LengthPrefixed = LengthDelimitedCodec;
 
 /// The default maximum length of a line, in bytes, without its line ending.

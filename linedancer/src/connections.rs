@@ -29,7 +29,7 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn};
 
 use crate::close::CloseReason;
 use crate::stats::{ByteCounts, Bytes, Counters, Stats};
@@ -539,10 +539,14 @@ impl<M> Slot<M> {
 }
 
 pin_project! {
-    /// A connection's task: its handler's future, with panics caught, and its slot,
-    /// which the task drops however it ends. A named future rather than an `async`
-    /// block, so that the task holds the handler's future once.
+    /// A connection's task: its handler's future, with panics caught, run in the
+    /// connection's span, and its slot, which the task drops however it ends. A named
+    /// future rather than an `async` block, so that the task holds the handler's future
+    /// once; `repr(C)`, so that the span, which every poll reads, lies next to the
+    /// start of the handler's future rather than past its end.
+    #[repr(C)]
     struct ConnectionTask<F, M> {
+        span: tracing::Span,
         #[pin]
         served: CatchUnwind<AssertUnwindSafe<F>>,
         slot: Slot<M>,
@@ -554,6 +558,7 @@ impl<F: Future<Output = io::Result<()>>, M> Future for ConnectionTask<F, M> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
+        let _in_span = this.span.enter();
         let served = ready!(this.served.poll(cx));
         this.slot.end(served);
         Poll::Ready(())
@@ -719,10 +724,11 @@ impl<M> Connections<M> {
         // The handler is called in the task, so that a panic while making its future is
         // caught like one while polling it.
         let task = ConnectionTask {
+            span,
             served: AssertUnwindSafe(async move { serve(connection).await }).catch_unwind(),
             slot,
         };
-        let task = self.tasks.spawn(task.instrument(span)).abort_handle();
+        let task = self.tasks.spawn(task).abort_handle();
         // A task that has already ended has left the map, and needs no handle.
         if let Some(live) = self.live().get_mut(&id) {
             live.task = Some(task);

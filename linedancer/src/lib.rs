@@ -46,17 +46,104 @@
 //! }
 //! ```
 //!
+//! # Shared state
+//!
+//! A value given once to the builder ([`Builder::state`]) is reachable from every
+//! connection's callbacks with [`Ctx::state`], with its type checked by the compiler:
+//! a protocol that uses it implements [`Protocol<S>`](Protocol) for its `S`; one that
+//! needs none implements `Protocol` as above. Here every connection shares a counter:
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//!
+//! use linedancer::codec::Lines;
+//! use linedancer::{Ctx, Next, Protocol, Server};
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//!
+//! /// Numbers every line said on the server, whoever said it.
+//! struct Ticker;
+//!
+//! impl Protocol<AtomicUsize> for Ticker {
+//!     type Codec = Lines;
+//!     type Reply = String;
+//!     type Message = ();
+//!
+//!     fn connect(_ctx: &mut Ctx<'_, Self, AtomicUsize>) -> Self {
+//!         Ticker
+//!     }
+//!
+//!     fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self, AtomicUsize>) -> Next {
+//!         let n = ctx.state().fetch_add(1, Ordering::Relaxed) + 1;
+//!         ctx.send(format!("{n}: {line}"));
+//!         Next::Continue
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let lines = Arc::new(AtomicUsize::new(0));
+//!     let server = Server::builder()
+//!         .port(0)
+//!         .state(Arc::clone(&lines))
+//!         .protocol::<Ticker>()
+//!         .start()
+//!         .await?;
+//!
+//!     for said in ["one", "two"] {
+//!         let stream = tokio::net::TcpStream::connect(server.local_addr()).await?;
+//!         let mut stream = BufReader::new(stream);
+//!         stream.get_mut().write_all(format!("{said}\n").as_bytes()).await?;
+//!         let mut reply = String::new();
+//!         stream.read_line(&mut reply).await?;
+//!         println!("{reply}"); // "1: one", then "2: two" from the second connection
+//!     }
+//!     assert_eq!(lines.load(Ordering::Relaxed), 2);
+//!     server.shutdown().await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Any byte stream
+//!
+//! The server's listener hands its protocol TCP sockets, but the driver and
+//! [`Handler`]s take any [`Stream`]: [`ServerHandle::serve`] serves a Unix socket, a TLS
+//! stream or one end of [`tokio::io::duplex`] as one more connection of a running
+//! server, with the peer's [`Address`] (an IP address, `unix`, or none).
+//!
+//! # Logging
+//!
+//! The library logs through [`tracing`], and emits nothing unless the program installs
+//! a subscriber. At `info` it says when a server listens and stops, and when its
+//! connection limit or accepting changes; at `warn`, accept errors and connections
+//! ended by a panic; at `debug`, every connection accepted and closed, with why. Each
+//! connection's lines are in a span named `conn` with its `id`, `peer`, protocol
+//! `state` and close `reason`. To see them, with `tracing-subscriber`:
+//!
+//! ```no_run
+//! // RUST_LOG=linedancer=debug shows each connection; the default here is info.
+//! tracing_subscriber::fmt()
+//!     .with_env_filter(
+//!         tracing_subscriber::EnvFilter::try_from_default_env()
+//!             .unwrap_or_else(|_| "info".into()),
+//!     )
+//!     .init();
+//! ```
+//!
 //! # Modules
 //!
-//! - [`Server`] and [`Builder`] start a server; [`ServerHandle`] controls a running one.
+//! - [`Server`] and [`Builder`] start a server; [`ServerHandle`] controls a running one,
+//!   and [`ServerHandle::run_until_signal`] serves until SIGTERM or Ctrl-C.
 //! - [`Protocol`], [`Ctx`], [`Next`] and [`CloseReason`] are the state-machine API.
 //! - [`codec`] has the framings: raw bytes, bounded lines, length-prefixed frames.
-//! - [`Handler`] replaces the state-machine driver for users who want the raw stream.
+//! - [`Handler`] replaces the state-machine driver for users who want the raw stream;
+//!   [`Stream`] and [`Address`] are what a connection runs over.
 //! - [`testing`] drives a protocol with no socket and virtual time.
 //! - [`Stats`], [`ConnectionInfo`] and [`SendError`] come from a running server's
 //!   [`ServerHandle`]: counters, the live connections, messages to them.
 //! - [`examples`] holds the original's `echo` and `handshake` protocols, a `chat` server
-//!   built on mailboxes and groups, and a `gateway` built on the raw [`Handler`].
+//!   built on shared state, mailboxes and groups, and a `gateway` built on the raw
+//!   [`Handler`].
 #![deny(missing_docs)]
 
 mod close;
