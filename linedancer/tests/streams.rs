@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bounded, round_trip};
+use common::{bounded, round_trip, serve};
 use linedancer::codec::Lines;
 use linedancer::examples::{Echo, LineEcho};
 use linedancer::{
@@ -51,12 +51,7 @@ impl Protocol<Lines_> for Tally {
 #[tokio::test]
 async fn echo_over_an_in_memory_pipe() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<Echo>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<Echo>().await;
         let (client, theirs) = tokio::io::duplex(64 * 1024);
         let id = server.serve(theirs, Address::None).await.unwrap();
         let listed = server.connections_info();
@@ -77,12 +72,7 @@ async fn echo_over_an_in_memory_pipe() {
 #[tokio::test]
 async fn replies_are_flushed_through_a_buffering_stream() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<LineEcho>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<LineEcho>().await;
         let (client, theirs) = tokio::io::duplex(1024);
         server
             .serve(BufWriter::new(theirs), Address::None)
@@ -297,12 +287,7 @@ async fn addresses_as_text() {
 #[tokio::test]
 async fn a_handed_stream_closes_with_its_reason() {
     bounded(async {
-        let server = Server::builder()
-            .port(0)
-            .protocol::<LineEcho>()
-            .start()
-            .await
-            .unwrap();
+        let server = serve::<LineEcho>().await;
         let (mut client, theirs) = tokio::io::duplex(1024);
         server.serve(theirs, Address::None).await.unwrap();
         client.write_all(&[0xff, b'\n']).await.unwrap(); // not UTF-8
