@@ -15,7 +15,7 @@ use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::panic::AssertUnwindSafe;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
@@ -25,7 +25,6 @@ use futures_util::future::CatchUnwind;
 use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
 use pin_project_lite::pin_project;
-use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
@@ -236,9 +235,11 @@ pub struct Limits {
 
 /// What a connection's task shares with the connection set.
 ///
-/// The task reads `signal` and writes `bytes` on every wake-up: they come first, in a
-/// cache line of their own (`align(64)`), away from the reference counts and the rest.
-#[repr(C, align(64))]
+/// The task reads `signal` and writes `bytes` on every wake-up: they come first
+/// (`repr(C)`), together. (Aligning them to a cache line of their own made every
+/// connection's allocation an aligned one, which cost glibc's allocator more than the
+/// line saved.)
+#[repr(C)]
 struct Shared<M> {
     signal: Signal,
     bytes: ByteCounts,
@@ -367,9 +368,6 @@ pub(crate) struct Connections<M> {
     next_id: AtomicU64,
     /// Free slots: one permit per connection that may still be accepted.
     slots: Arc<Semaphore>,
-    /// Told when a stream handed to the server waits for a slot: an acceptor holding
-    /// one while it waits for a connection gives it up.
-    wanted: Notify,
     /// The connection limit, changed under this lock.
     max: Mutex<usize>,
     /// Permits to take out of use as they come back, after the limit was lowered below
@@ -580,7 +578,6 @@ impl<M> Connections<M> {
         Arc::new(Connections {
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(max_connections)),
-            wanted: Notify::new(),
             max: Mutex::new(max_connections),
             excess: AtomicUsize::new(0),
             count: Count::default(),
@@ -603,27 +600,6 @@ impl<M> Connections<M> {
             connections: self,
             permit: Some(permit),
         }
-    }
-
-    /// Waits for a free slot for a stream handed to the server. Slots are given in the
-    /// order they were asked for; an acceptor that holds one while it waits for a
-    /// connection is told to give it up (see [`slot_wanted`](Connections::slot_wanted)),
-    /// so that a listener with no clients cannot keep the last slot from a handed stream.
-    pub(crate) async fn reserve_handed(&self) -> Reservation<'_, M> {
-        let mut reserve = pin!(self.reserve());
-        // Polled once first, to take a place in the queue before the acceptors are told.
-        if let Poll::Ready(reservation) = poll_fn(|cx| Poll::Ready(reserve.as_mut().poll(cx))).await
-        {
-            return reservation;
-        }
-        self.wanted.notify_waiters();
-        reserve.await
-    }
-
-    /// A future that completes when a handed stream waits for a slot; enable it before
-    /// reserving, so that no request is missed.
-    pub(crate) fn slot_wanted(&self) -> Notified<'_> {
-        self.wanted.notified()
     }
 
     /// Gives a slot back, or takes it out of use if the limit has been lowered.

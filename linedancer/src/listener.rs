@@ -102,8 +102,20 @@ impl Gate {
         self.changed.notify_waiters();
     }
 
+    /// Wakes the acceptors without a change: each gives up the slot it holds while
+    /// it waits for a connection, and queues for one again. Slots go in the order they
+    /// were asked for, so one asked for before the poke goes first.
+    pub(crate) fn poke(&self) {
+        self.changed.notify_waiters();
+    }
+
     pub(crate) fn is_suspended(&self) -> bool {
         self.state.load(Ordering::Acquire) == SUSPENDED
+    }
+
+    /// Whether accepting has stopped for good.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STOPPED
     }
 
     fn change(&self, from: u8, to: u8) -> bool {
@@ -158,10 +170,6 @@ pub(crate) async fn accept_loop<H: Service>(
             }
             _ => {}
         }
-        // Enabled before each reservation and kept until it fires, so that no request
-        // for a slot is missed, at no cost per accept.
-        let mut wanted = pin!(connections.slot_wanted());
-        wanted.as_mut().enable();
         loop {
             let reservation = tokio::select! {
                 biased;
@@ -170,15 +178,9 @@ pub(crate) async fn accept_loop<H: Service>(
             };
             let accepted = tokio::select! {
                 biased;
+                // Also when a stream handed to the server waits for a slot
+                // (`Gate::poke`): this one is given up, and taken again after it.
                 () = &mut changed => break,
-                () = wanted.as_mut() => {
-                    // A stream handed to the server waits for a slot: it gets this one,
-                    // and this acceptor queues for the next.
-                    drop(reservation);
-                    wanted.set(connections.slot_wanted());
-                    wanted.as_mut().enable();
-                    continue;
-                }
                 accepted = listener.accept() => accepted,
             };
             match accepted {
