@@ -1,10 +1,13 @@
 //! The live set of connections: ids, the connection limit, the count, and graceful
 //! shutdown of every connection task.
 //!
-//! A slot is a semaphore permit taken *before* `accept()`, so at the limit the acceptor
-//! simply stops accepting (new peers wait in the kernel's backlog). The permit moves into
-//! the connection task with a [`Slot`] guard whose drop frees it and lowers the count,
-//! however the task ends.
+//! A slot is a semaphore permit, taken by the acceptor for the connection it has just
+//! accepted (at the limit, that one connection waits for a slot and the acceptor
+//! accepts no other: new peers wait in the kernel's backlog) or by a stream handed to
+//! the server. Only a connection in hand takes one: an acceptor holding a slot while it
+//! waited for a connection could keep the last one from a client queued at another of
+//! the per-core sockets. The permit moves into the connection task with a [`Slot`]
+//! guard whose drop frees it and lowers the count, however the task ends.
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -469,7 +472,7 @@ struct Live<M> {
     groups: Vec<Arc<str>>,
 }
 
-/// A free slot held by the acceptor while it accepts; dropping it gives the slot back.
+/// A free slot, taken for a connection about to be spawned; dropping it gives the slot back.
 pub(crate) struct Reservation<'a, M> {
     connections: &'a Connections<M>,
     permit: Option<OwnedSemaphorePermit>,
@@ -590,7 +593,16 @@ impl<M> Connections<M> {
         })
     }
 
-    /// Waits for a free slot, to hold while accepting.
+    /// A free slot, if there is one now.
+    pub(crate) fn try_reserve(&self) -> Option<Reservation<'_, M>> {
+        let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        Some(Reservation {
+            connections: self,
+            permit: Some(permit),
+        })
+    }
+
+    /// Waits for a free slot. Slots go in the order they were asked for.
     pub(crate) async fn reserve(&self) -> Reservation<'_, M> {
         let permit = Arc::clone(&self.slots)
             .acquire_owned()

@@ -2,9 +2,10 @@
 //! accepting.
 //!
 //! Sockets are made with `socket2` (`SO_REUSEADDR`, our own backlog) and every accepted
-//! socket gets `TCP_NODELAY`. The accept loop takes a connection slot before it accepts,
-//! so at the limit it stops accepting instead of accepting and closing. No accept error
-//! ends it: each is sorted by kind in [`accept_failed`].
+//! socket gets `TCP_NODELAY`. The accept loop takes a connection slot for each
+//! connection it accepts; at the limit, the connection in hand waits for a slot and no
+//! other is accepted meanwhile (nothing is accepted and closed). No accept error ends
+//! it: each is sorted by kind in [`accept_failed`].
 
 use std::cell::Cell;
 use std::io;
@@ -102,20 +103,8 @@ impl Gate {
         self.changed.notify_waiters();
     }
 
-    /// Wakes the acceptors without a change: each gives up the slot it holds while
-    /// it waits for a connection, and queues for one again. Slots go in the order they
-    /// were asked for, so one asked for before the poke goes first.
-    pub(crate) fn poke(&self) {
-        self.changed.notify_waiters();
-    }
-
     pub(crate) fn is_suspended(&self) -> bool {
         self.state.load(Ordering::Acquire) == SUSPENDED
-    }
-
-    /// Whether accepting has stopped for good.
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.state.load(Ordering::Acquire) == STOPPED
     }
 
     fn change(&self, from: u8, to: u8) -> bool {
@@ -171,20 +160,27 @@ pub(crate) async fn accept_loop<H: Service>(
             _ => {}
         }
         loop {
-            let reservation = tokio::select! {
-                biased;
-                () = &mut changed => break,
-                reservation = connections.reserve() => reservation,
-            };
             let accepted = tokio::select! {
                 biased;
-                // Also when a stream handed to the server waits for a slot
-                // (`Gate::poke`): this one is given up, and taken again after it.
                 () = &mut changed => break,
                 accepted = listener.accept() => accepted,
             };
             match accepted {
                 Ok((stream, peer_addr)) => {
+                    // A slot at once below the limit; at it, this connection waits for
+                    // one and no other is accepted meanwhile. A slot is taken only with
+                    // a connection in hand: one held while waiting for a connection
+                    // could be the last, kept from a client queued at another of the
+                    // per-core sockets or from a stream handed to the server.
+                    let reservation = match connections.try_reserve() {
+                        Some(reservation) => reservation,
+                        None => tokio::select! {
+                            biased;
+                            // Never served: closed with the listener.
+                            () = gate.stopped() => return,
+                            reservation = connections.reserve() => reservation,
+                        },
+                    };
                     ACCEPTED.with(|accepted| accepted.set(accepted.get() + 1));
                     if let Err(e) = stream.set_nodelay(true) {
                         // The peer is already gone; the connection task will find out.
@@ -199,7 +195,6 @@ pub(crate) async fn accept_loop<H: Service>(
                     );
                 }
                 Err(e) => {
-                    drop(reservation);
                     connections.accept_error();
                     if accept_failed(&e) == AfterError::Backoff {
                         tokio::select! {

@@ -1,11 +1,9 @@
 //! Starting a server ([`Builder`]) and controlling it once started ([`ServerHandle`]).
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::pin::pin;
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -270,7 +268,8 @@ impl<H, S> Builder<H, S> {
     }
 
     /// The most connections served at once; at the limit the server stops accepting
-    /// until one closes, and new peers wait in the backlog. Default
+    /// until one closes: the client each listening socket has just accepted waits,
+    /// unanswered, for that slot, and new peers wait in the backlog. Default
     /// [`DEFAULT_MAX_CONNECTIONS`]; must be at least 1. Change it while running with
     /// [`ServerHandle::set_max_connections`].
     pub fn max_connections(mut self, max: usize) -> Self {
@@ -723,25 +722,11 @@ impl<M: Send + 'static> ServerHandle<M> {
     /// [`Error::Stopped`] once the server is shutting down; the stream is dropped.
     pub async fn serve<T: Stream>(&self, stream: T, peer: Address) -> Result<ConnectionId, Error> {
         let inner = &self.inner;
-        let mut reserve = pin!(inner.connections.reserve());
-        // Polled once first, to take a place in the queue for slots; then an acceptor
-        // that holds one while it waits for a connection is told to give it up, so
-        // that a listener with no clients cannot keep the last slot from this stream.
-        let first = poll_fn(|cx| Poll::Ready(reserve.as_mut().poll(cx))).await;
-        let reservation = match first {
-            Poll::Ready(reservation) => reservation,
-            Poll::Pending => {
-                inner.gate.poke();
-                tokio::select! {
-                    biased;
-                    () = inner.gate.stopped() => return Err(Error::Stopped),
-                    reservation = reserve => reservation,
-                }
-            }
+        let reservation = tokio::select! {
+            biased;
+            () = inner.gate.stopped() => return Err(Error::Stopped),
+            reservation = inner.connections.reserve() => reservation,
         };
-        if inner.gate.is_stopped() {
-            return Err(Error::Stopped);
-        }
         Ok((inner.spawn)(reservation, Box::new(stream), peer))
     }
 

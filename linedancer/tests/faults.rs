@@ -89,6 +89,42 @@ async fn a_burst_of_five_times_the_limit_is_held_to_the_limit_and_all_are_served
     .await;
 }
 
+/// Ensure every slot up to the limit can be used with per-core listening sockets: the
+/// last free slot is not kept by one thread's acceptor, with nobody queued at its
+/// socket, from a client the kernel queued at the other's. Ten rounds, each filling the
+/// server to its limit one client at a time: a slot held that way would leave the last
+/// client of about every other round unserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_servers_serve_up_to_their_limit() {
+    const LIMIT: usize = 8;
+    bounded(async {
+        let server = builder()
+            .threading(Threading::PerCore(2))
+            .max_connections(LIMIT)
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap();
+        for round in 0..10 {
+            let mut clients = Vec::with_capacity(LIMIT);
+            for i in 0..LIMIT {
+                let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
+                let message = format!("round {round} client {i}");
+                assert_eq!(
+                    exchange(&mut client, message.as_bytes()).await,
+                    message.as_bytes()
+                );
+                clients.push(client);
+            }
+            assert_eq!(server.connections(), LIMIT);
+            drop(clients);
+            server.wait_connections(|n| n == 0).await;
+        }
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure the connection limit can be raised and lowered while running: raised, the
 /// waiting clients are accepted at once; lowered below the open connections, none is
 /// closed and no more are accepted until enough have ended.
