@@ -118,7 +118,10 @@ pub struct BenchArgs {
     ///   server_rss_before_bytes, server_rss_after_bytes
     ///                               hold with --pid: the server's VmRSS before
     ///                               opening, and at the end of the hold with all
-    ///                               open; else null
+    ///                               open; when /proc/PID/fd can be read, once its
+    ///                               sockets have grown by connections_opened
+    ///                               (waiting up to 10s more for it to accept
+    ///                               them); else null
     ///   server_sockets_before, server_sockets_after
     ///                               hold with --pid: the server's open sockets
     ///                               at the same two times, from /proc/PID/fd;
@@ -131,10 +134,11 @@ pub struct BenchArgs {
     ///                               connection failed to open; its VmRSS did not
     ///                               grow; or, checked when /proc/PID/fd can be
     ///                               read, its sockets did not grow by
-    ///                               connections_opened, or it had closed
-    ///                               descriptors before the run (its descriptor
-    ///                               table, FDSize, is larger than its open ones
-    ///                               need), whose memory new connections may reuse
+    ///                               connections_opened. A caveat: a server that
+    ///                               has closed connections before may hand
+    ///                               their freed memory to new ones, which then
+    ///                               seem to cost less; the figure is best taken
+    ///                               on a freshly started server
     ///   server_rss_per_conn_unmeasured
     ///                               why server_rss_per_conn_bytes is null, as a
     ///                               sentence; null when it is a number

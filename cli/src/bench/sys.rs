@@ -47,9 +47,8 @@ impl Server {
             .ok()
     }
 
-    /// The server's open sockets and its descriptor table, from `/proc/PID/fd` and
-    /// `/proc/PID/status`; or `None` (with a warning) if they cannot be read, as for
-    /// another user's process.
+    /// The server's open sockets, counted in `/proc/PID/fd`; or `None` (with a
+    /// warning) if they cannot be read, as for another user's process.
     pub fn descriptors(&self) -> Option<Descriptors> {
         self.read_descriptors()
             .map_err(|error| warn!(pid = self.pid, %error, "cannot read the server's descriptors"))
@@ -57,29 +56,16 @@ impl Server {
     }
 
     fn read_descriptors(&self) -> io::Result<Descriptors> {
-        let (mut sockets, mut highest) = (0, 0);
-        let dir = format!("/proc/{}/fd", self.pid);
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let fd: u64 = (entry.file_name().to_str())
-                .and_then(|name| name.parse().ok())
-                .ok_or_else(|| unreadable(&dir))?;
-            match std::fs::read_link(entry.path()) {
+        let mut sockets = 0;
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", self.pid))? {
+            match std::fs::read_link(entry?.path()) {
                 Ok(target) => sockets += u64::from(is_socket(&target)),
                 // Closed between the listing and the reading of its link.
                 Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(error),
             }
-            highest = highest.max(fd);
         }
-        let path = format!("/proc/{}/status", self.pid);
-        let status = std::fs::read_to_string(&path)?;
-        let table = status_number(&status, "FDSize:").ok_or_else(|| unreadable(&path))?;
-        Ok(Descriptors {
-            sockets,
-            highest,
-            table,
-        })
+        Ok(Descriptors { sockets })
     }
 
     fn read_cpu_time(&self) -> io::Result<Duration> {
@@ -103,20 +89,6 @@ impl Server {
 pub struct Descriptors {
     /// Open sockets (listening, connected, of any family).
     pub sockets: u64,
-    /// The highest open descriptor.
-    pub highest: u64,
-    /// The slots of its descriptor table (FDSize), which grows to hold the highest
-    /// descriptor ever open and never shrinks.
-    pub table: u64,
-}
-
-impl Descriptors {
-    /// Whether the process has had a descriptor open above every one open now, and
-    /// closed it: its table is larger than Linux (on 64-bit) gives for its open
-    /// descriptors, 64 slots, or the next power of two above the highest of them.
-    pub fn closed_some(&self) -> bool {
-        self.table > (self.highest + 1).next_power_of_two().max(64)
-    }
 }
 
 fn unreadable(path: &str) -> io::Error {
@@ -150,12 +122,6 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))?;
     let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
     Some(kib * 1024)
-}
-
-/// The number on the line `name` of the contents of `/proc/PID/status`.
-fn status_number(status: &str, name: &str) -> Option<u64> {
-    let line = status.lines().find_map(|line| line.strip_prefix(name))?;
-    line.trim().parse().ok()
 }
 
 /// Raises this process's soft limit on open files towards `wanted`, as far as the hard
@@ -213,44 +179,20 @@ mod tests {
     }
 
     #[test]
-    fn fd_size_is_read_from_the_status() {
-        let status = "Name:\tserver\nFDSize:\t256\nVmRSS:\t    1536 kB\n";
-        assert_eq!(status_number(status, "FDSize:"), Some(256));
-        assert_eq!(status_number("Name:\tkthread\n", "FDSize:"), None);
-    }
-
-    #[test]
-    fn a_table_larger_than_the_open_descriptors_need_shows_closed_ones() {
-        let open = |highest, table| Descriptors {
-            sockets: 0,
-            highest,
-            table,
-        };
-        assert!(!open(9, 64).closed_some(), "a fresh process");
-        assert!(!open(63, 64).closed_some());
-        assert!(!open(64, 128).closed_some());
-        assert!(!open(306, 512).closed_some(), "300 connections still open");
-        assert!(open(251, 512).closed_some(), "they closed");
-        assert!(open(9, 128).closed_some());
-    }
-
-    #[test]
     fn this_process_can_be_read() {
         let me = Server::new(std::process::id()).expect("our own /proc entries");
         assert!(me.rss().expect("our memory") > 0);
         assert!(me.cpu_time().is_some());
         // No other unit test of this binary opens sockets, so the count moves only with
-        // these listeners; enough of them to grow the descriptor table.
+        // these listeners.
         let before = me.descriptors().expect("our descriptors");
         let listeners: Vec<_> = (0..300)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
             .collect();
         let open = me.descriptors().expect("our descriptors");
         assert_eq!(open.sockets, before.sockets + 300);
-        assert!(open.highest >= 300 && open.table > open.highest, "{open:?}");
         drop(listeners);
         let closed = me.descriptors().expect("our descriptors");
         assert_eq!(closed.sockets, before.sockets);
-        assert!(closed.table >= open.table, "the table never shrinks");
     }
 }
