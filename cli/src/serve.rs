@@ -5,18 +5,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use linedancer::examples::{Chat, Echo, Gateway, Handshake, LineEcho, Rooms};
+use linedancer::examples::kv::Db;
+use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, Rooms};
 use linedancer::{Server, ServerHandle, Service, Threading};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
-const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "chat", "gateway"];
+const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "chat", "gateway", "kv"];
 
 /// Flags of `linedancer serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The protocol to serve: echo, handshake, line-echo, chat, or gateway (which
-    /// relays every connection to the --upstream servers in turn).
+    /// The protocol to serve: echo, handshake, line-echo, chat, gateway (which relays
+    /// every connection to the --upstream servers in turn), or kv (a Redis-compatible
+    /// key-value server).
     protocol: String,
     /// For the gateway: a server to relay connections to, as HOST:PORT; repeat it for
     /// several, which clients are sent to in turn.
@@ -177,6 +179,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
             until_signal(builder.state(rooms).protocol::<Chat>()).await
         }
         "gateway" => until_signal(builder.handler(gateway(&args.upstreams).await?)).await,
+        "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>()).await,
         _ => Err(ServeError::UnknownProtocol(args.protocol)),
     }
 }

@@ -171,7 +171,7 @@ async fn bad_arguments_exit_1() {
     assert_eq!(code, 1);
     assert_eq!(
         stderr,
-        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo, chat, gateway)\n"
+        "error: unknown protocol 'telnet' (expected one of: echo, handshake, line-echo, chat, gateway, kv)\n"
     );
 
     let (code, stderr) = fails(&["serve", "echo", "--bind", "300.0.0.1"]).await;

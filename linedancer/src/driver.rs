@@ -156,7 +156,7 @@ where
             peer_addr: conn.peer_addr().clone(),
             local_addr: conn.local_addr().clone(),
         };
-        let session = Session::<P, S>::connect(codec, peer, state, limits.max_output);
+        let session = Session::<P, S>::connect(codec, peer, state, limits.max_output, None);
         let state = session.state_name();
         span.record("state", display(state));
         conn.record_state(state);

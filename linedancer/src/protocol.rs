@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::close::CloseReason;
@@ -198,6 +199,8 @@ pub struct Ctx<'a, P: Protocol<S>, S = ()> {
     peer: &'a Peer,
     state: &'a S,
     asked: &'a mut Asked<P::Message>,
+    /// The harness's virtual time; `None` under the driver, which reads the clock.
+    clock: Option<Instant>,
 }
 
 /// What callbacks asked for beyond replies, for the driver (or harness) to carry out
@@ -329,6 +332,14 @@ impl<P: Protocol<S>, S> Ctx<'_, P, S> {
     pub fn state(&self) -> &S {
         self.state
     }
+
+    /// The time now: tokio's clock under a server (so `tokio::time::pause` governs
+    /// it in tests), the virtual time under the [`Harness`](crate::testing::Harness).
+    /// Read it instead of the clock for anything time-dependent in a protocol (an
+    /// expiry, a rate), so that the harness can test it.
+    pub fn now(&self) -> Instant {
+        self.clock.unwrap_or_else(Instant::now)
+    }
 }
 
 /// A change to the protocol's timer, for the driver (or harness) to apply.
@@ -361,6 +372,8 @@ pub(crate) struct Session<P: Protocol<S>, S> {
     protocol: P,
     peer: Peer,
     state: Arc<S>,
+    /// The virtual time, under the harness.
+    clock: Option<Instant>,
 }
 
 impl<P: Protocol<S>, S> Session<P, S> {
@@ -371,6 +384,7 @@ impl<P: Protocol<S>, S> Session<P, S> {
         peer: Peer,
         state: Arc<S>,
         max_output: usize,
+        clock: Option<Instant>,
     ) -> Self {
         let mut output = BytesMut::new();
         let mut asked = Asked::default();
@@ -380,12 +394,14 @@ impl<P: Protocol<S>, S> Session<P, S> {
             peer: &peer,
             state: &*state,
             asked: &mut asked,
+            clock,
         });
         Session {
             protocol,
             codec,
             peer,
             state,
+            clock,
             input: BytesMut::new(),
             output,
             asked,
@@ -403,6 +419,7 @@ impl<P: Protocol<S>, S> Session<P, S> {
             peer: &self.peer,
             state: &*self.state,
             asked: &mut self.asked,
+            clock: self.clock,
         };
         if f(&mut self.protocol, &mut ctx) == Next::Close {
             self.asked.close.get_or_insert(on_close);
@@ -448,6 +465,11 @@ impl<P: Protocol<S>, S> Session<P, S> {
     /// own requests never count: nothing is read while replies wait.
     pub(crate) fn overflowed(&self, waiting: usize) -> bool {
         waiting > 0 && self.output.len() > waiting && self.output.len() > self.max_output
+    }
+
+    /// Sets the virtual time the callbacks see as [`Ctx::now`].
+    pub(crate) fn set_clock(&mut self, now: Instant) {
+        self.clock = Some(now);
     }
 
     /// Whether decoding paused for the output limit, with input left to decode.

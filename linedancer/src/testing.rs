@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use crate::close::CloseReason;
 use crate::connections::ConnectionId;
@@ -45,6 +46,8 @@ pub struct Harness<P: Protocol<S>, S = ()> {
     closed: Option<CloseReason>,
     /// Virtual time since connect.
     now: Duration,
+    /// The instant virtual time starts from, for [`Ctx::now`](crate::Ctx::now).
+    start: Instant,
     /// When the protocol's timeout fires, in virtual time.
     deadline: Option<Duration>,
     /// Messages and group changes the protocol asked for, not yet taken.
@@ -125,16 +128,19 @@ impl<P: Protocol<S>, S> Harness<P, S> {
             peer_addr: Address::Ip(PEER_ADDR),
             local_addr: Address::Ip(LOCAL_ADDR),
         };
+        let start = Instant::now();
         let mut harness = Harness {
             session: Some(Session::connect(
                 codec,
                 peer,
                 state,
                 crate::DEFAULT_MAX_OUTPUT,
+                Some(start),
             )),
             output: Vec::new(),
             closed: None,
             now: Duration::ZERO,
+            start,
             deadline: None,
             outgoing: Vec::new(),
             spawned: Vec::new(),
@@ -164,18 +170,25 @@ impl<P: Protocol<S>, S> Harness<P, S> {
 
     /// Lets `duration` of virtual time pass, firing the protocol's timeout if it falls
     /// due (and again, if the protocol re-arms it within the same span).
+    /// [`Ctx::now`](crate::Ctx::now) moves with it.
     pub fn advance(&mut self, duration: Duration) {
         let until = self.now + duration;
         while let Some(deadline) = self.deadline.filter(|d| *d <= until) {
             self.now = deadline;
             self.deadline = None;
             match &mut self.session {
-                Some(session) => session.timeout(),
+                Some(session) => {
+                    session.set_clock(self.start + deadline);
+                    session.timeout();
+                }
                 None => break,
             }
             self.settle();
         }
         self.now = until;
+        if let Some(session) = &mut self.session {
+            session.set_clock(self.start + until);
+        }
     }
 
     /// A message arrives in the connection's mailbox: delivers it to

@@ -1,5 +1,5 @@
 //! The example servers, as documentation to read and as servers to run with
-//! `linedancer serve echo|handshake|line-echo|chat|gateway`.
+//! `linedancer serve echo|handshake|line-echo|chat|gateway|kv`.
 //!
 //! - [`Echo`] writes back every byte it receives.
 //! - [`Handshake`] is a line protocol with a login step: a two-state machine.
@@ -7,6 +7,8 @@
 //! - [`Chat`] is a chat server: connections in rooms kept in shared state ([`Rooms`]),
 //!   talking through their mailboxes.
 //! - [`Gateway`] relays every connection to an upstream server: a raw [`Handler`].
+//! - [`kv`] is a Redis-compatible key-value server ([`Kv`]): its own binary-safe codec,
+//!   a store in shared state with expiry, and publish/subscribe on groups.
 //!
 //! [`Handler`]: crate::Handler
 
@@ -14,10 +16,12 @@ mod chat;
 mod echo;
 mod gateway;
 mod handshake;
+pub mod kv;
 mod line_echo;
 
 pub use chat::{Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_NAME_LENGTH, WHO_LIMIT};
 pub use echo::Echo;
 pub use gateway::{Gateway, CONNECT_TIMEOUT};
 pub use handshake::{Handshake, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME};
+pub use kv::Kv;
 pub use line_echo::LineEcho;
