@@ -23,7 +23,7 @@ use crate::close::CloseReason;
 use crate::protocol::{Ctx, Next, Protocol};
 
 pub use resp::{Reply, Request, Resp, MAX_ARGS, MAX_BULK, MAX_INLINE};
-pub use store::{Condition, Db, IncrError, Ttl};
+pub use store::{Condition, Db, IncrError, Ttl, Value};
 
 use resp::parse_int;
 
@@ -69,8 +69,8 @@ impl Kv {
         let Some(name) = args.first() else {
             return Next::Continue; // an empty line or `*0`: nothing, as in Redis
         };
-        let name = name.to_ascii_lowercase();
-        let Some(command) = COMMANDS.iter().find(|c| c.name.as_bytes() == name) else {
+        let found = (COMMANDS.iter()).find(|c| c.name.as_bytes().eq_ignore_ascii_case(name));
+        let Some(command) = found else {
             ctx.send(unknown(&args));
             return Next::Continue;
         };
@@ -215,7 +215,7 @@ const COMMANDS: &[Command] = &[
         subscribed: false,
         run: |_, args, ctx| {
             let value = ctx.state().get(&args[1], ctx.now());
-            reply(ctx, value.map_or(Reply::Null, Reply::Bulk))
+            reply(ctx, value.map_or(Reply::Null, Value::into_reply))
         },
     },
     Command {
@@ -265,7 +265,11 @@ const COMMANDS: &[Command] = &[
         run: |_, args, ctx| {
             let now = ctx.now();
             let values = (args[1..].iter())
-                .map(|key| ctx.state().get(key, now).map_or(Reply::Null, Reply::Bulk))
+                .map(|key| {
+                    ctx.state()
+                        .get(key, now)
+                        .map_or(Reply::Null, Value::into_reply)
+                })
                 .collect();
             reply(ctx, Reply::Array(values))
         },

@@ -10,7 +10,7 @@
 
 use std::io;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The longest bulk string accepted, in bytes.
@@ -43,6 +43,8 @@ pub enum Reply {
     Integer(i64),
     /// `$len` and the bytes.
     Bulk(Bytes),
+    /// A bulk string of the decimal digits of a number: a counter's value, read.
+    BulkInt(i64),
     /// `$-1`: no value.
     Null,
     /// `*n` and the elements.
@@ -145,30 +147,40 @@ fn parse_array(src: &mut BytesMut) -> Result<Option<Request>, &'static str> {
 
 /// Reads the number in a header line (`*n\r\n` or `$n\r\n`) that starts at `at`:
 /// the number and where the line's end leaves off, or `None` if the line is not whole.
+/// One pass over the digits; more than 18 of them is an invalid length (no limit here
+/// comes near), so the value cannot overflow.
 fn header(src: &[u8], at: usize) -> Result<Option<(i64, usize)>, &'static str> {
-    let line = &src[at + 1..];
-    let Some(cr) = line.iter().take(24).position(|b| *b == b'\r') else {
-        return if line.len() >= 24 {
-            Err("invalid length in a header")
-        } else {
-            Ok(None)
-        };
+    let invalid = if src[at] == b'*' {
+        "invalid multibulk length"
+    } else {
+        "invalid bulk length"
     };
-    if line.len() < cr + 2 {
-        return Ok(None);
+    let mut i = at + 1;
+    let negative = src.get(i) == Some(&b'-');
+    if negative {
+        i += 1;
     }
-    if line[cr + 1] != b'\n' {
-        return Err("expected '\\n' after '\\r'");
+    let start = i;
+    let mut value: i64 = 0;
+    loop {
+        match src.get(i) {
+            None => return Ok(None),
+            Some(b'\r') => break,
+            Some(digit @ b'0'..=b'9') if i - start < 18 => {
+                value = value * 10 + i64::from(digit - b'0');
+                i += 1;
+            }
+            Some(_) => return Err(invalid),
+        }
     }
-    let number = std::str::from_utf8(&line[..cr])
-        .ok()
-        .and_then(|digits| digits.parse().ok())
-        .ok_or(if src[at] == b'*' {
-            "invalid multibulk length"
-        } else {
-            "invalid bulk length"
-        })?;
-    Ok(Some((number, at + 1 + cr + 2)))
+    if i == start {
+        return Err(invalid);
+    }
+    match src.get(i + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((if negative { -value } else { value }, i + 2))),
+        Some(_) => Err("expected '\\n' after '\\r'"),
+    }
 }
 
 /// Parses an inline command, a line of words (double quotes around a word with
@@ -277,6 +289,13 @@ fn encode(reply: &Reply, dst: &mut BytesMut) {
             dst.put_slice(bytes);
             dst.put_slice(b"\r\n");
         }
+        Reply::BulkInt(n) => {
+            let mut digits = [0u8; 20];
+            let text = decimal(*n, &mut digits);
+            number(b'$', text.len() as i64, dst);
+            dst.put_slice(text);
+            dst.put_slice(b"\r\n");
+        }
         Reply::Null => dst.put_slice(b"$-1\r\n"),
         Reply::Array(items) => {
             number(b'*', items.len() as i64, dst);
@@ -290,41 +309,56 @@ fn encode(reply: &Reply, dst: &mut BytesMut) {
 /// Writes `kind`, `n` in decimal, and `\r\n`.
 fn number(kind: u8, n: i64, dst: &mut BytesMut) {
     let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    let text = decimal(n, &mut digits);
+    dst.reserve(text.len() + 3);
+    dst.put_u8(kind);
+    dst.put_slice(text);
+    dst.put_slice(b"\r\n");
+}
+
+/// `n` in decimal, written at the end of `buf`.
+pub(crate) fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     let mut rest = n.unsigned_abs();
     loop {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+        buf[at] = b'0' + (rest % 10) as u8;
         rest /= 10;
         if rest == 0 {
             break;
         }
     }
-    dst.reserve(24);
-    dst.put_u8(kind);
     if n < 0 {
-        dst.put_u8(b'-');
+        at -= 1;
+        buf[at] = b'-';
     }
-    dst.put_slice(&digits[at..]);
-    dst.put_slice(b"\r\n");
+    &buf[at..]
 }
 
-/// Parses a decimal integer as Redis does: optional `-`, digits, nothing else, within
-/// `i64`.
+/// Parses a decimal integer as Redis does: an optional `-`, then digits and nothing
+/// else, within `i64`.
 pub(crate) fn parse_int(bytes: &[u8]) -> Option<i64> {
-    if bytes.is_empty() || bytes.len() > 20 || bytes[0] == b'+' {
+    let (negative, digits) = match bytes {
+        [b'-', digits @ ..] => (true, digits),
+        digits => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 19 {
         return None;
     }
-    std::str::from_utf8(bytes).ok()?.parse().ok()
-}
-
-/// Formats `n` in decimal, as stored by `INCR`.
-pub(crate) fn format_int(n: i64) -> Bytes {
-    let mut out = BytesMut::with_capacity(24);
-    number(b':', n, &mut out);
-    out.advance(1);
-    out.truncate(out.len() - 2);
-    out.freeze()
+    // Accumulated as a negative number, which reaches i64::MIN.
+    let mut value: i64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_sub(i64::from(digit))?;
+    }
+    if negative {
+        Some(value)
+    } else {
+        value.checked_neg()
+    }
 }
 
 #[cfg(test)]
@@ -417,9 +451,23 @@ mod tests {
             b"+OK\r\n-ERR bad  thing\r\n:-42\r\n:-9223372036854775808\r\n$4\r\na\r\nb\r\n\
               $-1\r\n*2\r\n$-1\r\n:0\r\n"
         );
-        assert_eq!(format_int(-17), "-17");
         assert_eq!(parse_int(b"-17"), Some(-17));
-        assert_eq!(parse_int(b"+1"), None);
-        assert_eq!(parse_int(b"9223372036854775808"), None);
+        assert_eq!(parse_int(b"0"), Some(0));
+        assert_eq!(parse_int(b"-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_int(b"9223372036854775807"), Some(i64::MAX));
+        for bad in [
+            &b"+1"[..],
+            b"9223372036854775808",
+            b"",
+            b"-",
+            b"1x",
+            b" 1",
+            b"1.5",
+        ] {
+            assert_eq!(parse_int(bad), None, "{bad:?}");
+        }
+        let mut out = BytesMut::new();
+        codec.encode(Reply::BulkInt(-17), &mut out).unwrap();
+        assert_eq!(&out[..], b"$3\r\n-17\r\n");
     }
 }

@@ -11,12 +11,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+
+use super::resp::{parse_int, Reply};
 
 /// Shards of the store; a power of two.
 const SHARDS: usize = 16;
@@ -28,8 +29,6 @@ const PURGE_PER_OPERATION: usize = 8;
 #[derive(Debug)]
 pub struct Db {
     shards: Box<[Mutex<Shard>]>,
-    /// Picks a key's shard; randomly seeded, so no peer can aim its keys at one.
-    hasher: RandomState,
     /// Subscribers of each channel that has any.
     channels: Mutex<HashMap<Bytes, usize>>,
 }
@@ -38,8 +37,27 @@ impl Default for Db {
     fn default() -> Self {
         Db {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
             channels: Mutex::default(),
+        }
+    }
+}
+
+/// A stored value: bytes, or a counter kept as a number (`INCR`'s), as Redis keeps
+/// them, so that counting needs no parsing and no allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Bytes, as `SET` wrote them.
+    Bytes(Bytes),
+    /// A number, read as its decimal digits.
+    Int(i64),
+}
+
+impl Value {
+    /// `GET`'s reply: a bulk string.
+    pub fn into_reply(self) -> Reply {
+        match self {
+            Value::Bytes(bytes) => Reply::Bulk(bytes),
+            Value::Int(n) => Reply::BulkInt(n),
         }
     }
 }
@@ -54,8 +72,14 @@ struct Shard {
 
 #[derive(Debug)]
 struct Entry {
-    value: Bytes,
+    value: Value,
     expires: Option<Instant>,
+}
+
+impl Entry {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
 }
 
 /// When `SET` writes.
@@ -90,16 +114,16 @@ pub enum Ttl {
 }
 
 impl Shard {
-    /// The live entry of `key`, after removing it if it has expired.
-    fn live(&mut self, key: &[u8], now: Instant) -> Option<&mut Entry> {
-        let expired = self
-            .map
-            .get(key)
-            .is_some_and(|entry| entry.expires.is_some_and(|at| at <= now));
-        if expired {
-            self.map.remove(key);
+    /// Whether `key` exists and has not expired; an expired one is removed.
+    fn exists(&mut self, key: &[u8], now: Instant) -> bool {
+        match self.map.get(key) {
+            None => false,
+            Some(entry) if !entry.expired(now) => true,
+            Some(_) => {
+                self.map.remove(key);
+                false
+            }
         }
-        self.map.get_mut(key)
     }
 
     /// Removes a few expired keys from the queue.
@@ -138,16 +162,22 @@ impl Db {
     }
 
     fn shard(&self, key: &[u8], now: Instant) -> MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(key) as usize & (SHARDS - 1);
-        let mut shard = lock(&self.shards[index]);
+        let mut shard = lock(&self.shards[shard_of(key)]);
         shard.purge(now, PURGE_PER_OPERATION);
         shard
     }
 
     /// The value of `key`.
-    pub fn get(&self, key: &[u8], now: Instant) -> Option<Bytes> {
+    pub fn get(&self, key: &[u8], now: Instant) -> Option<Value> {
         let mut shard = self.shard(key, now);
-        shard.live(key, now).map(|entry| entry.value.clone())
+        match shard.map.get(key) {
+            None => None,
+            Some(entry) if !entry.expired(now) => Some(entry.value.clone()),
+            Some(_) => {
+                shard.map.remove(key);
+                None
+            }
+        }
     }
 
     /// Sets `key` to `value` if `condition` holds, expiring at `expires` (or never);
@@ -161,64 +191,68 @@ impl Db {
         now: Instant,
     ) -> bool {
         let mut shard = self.shard(key, now);
-        let exists = shard.live(key, now).is_some();
-        match condition {
-            Condition::IfMissing if exists => return false,
-            Condition::IfExists if !exists => return false,
-            _ => {}
+        if condition != Condition::Always {
+            let exists = shard.exists(key, now);
+            if exists != (condition == Condition::IfExists) {
+                return false;
+            }
         }
         // Copied: a slice of the request would keep its whole read buffer alive.
-        let key = Bytes::copy_from_slice(key);
-        let entry = Entry {
-            value: Bytes::copy_from_slice(value),
-            expires,
-        };
-        if let Some(at) = expires {
-            shard.expire_at(key.clone(), at);
+        let value = Value::Bytes(Bytes::copy_from_slice(value));
+        match shard.map.get_mut(key) {
+            Some(entry) => *entry = Entry { value, expires },
+            None => {
+                let entry = Entry { value, expires };
+                shard.map.insert(Bytes::copy_from_slice(key), entry);
+            }
         }
-        shard.map.insert(key, entry);
+        if let Some(at) = expires {
+            shard.expire_at(Bytes::copy_from_slice(key), at);
+        }
         true
     }
 
     /// Removes `key`; returns whether it existed.
     pub fn del(&self, key: &[u8], now: Instant) -> bool {
         let mut shard = self.shard(key, now);
-        shard.live(key, now).is_some() && shard.map.remove(key).is_some()
+        shard
+            .map
+            .remove(key)
+            .is_some_and(|entry| !entry.expired(now))
     }
 
     /// Whether `key` exists.
     pub fn exists(&self, key: &[u8], now: Instant) -> bool {
-        self.shard(key, now).live(key, now).is_some()
+        self.shard(key, now).exists(key, now)
     }
 
     /// Adds `delta` to the integer in `key` (0 if it does not exist), keeping its
     /// expiry; returns the new value.
     pub fn incr_by(&self, key: &[u8], delta: i64, now: Instant) -> Result<i64, IncrError> {
         let mut shard = self.shard(key, now);
-        let (old, expires) = match shard.live(key, now) {
-            Some(entry) => (
-                super::resp::parse_int(&entry.value).ok_or(IncrError::NotAnInteger)?,
-                entry.expires,
-            ),
-            None => (0, None),
-        };
-        let new = old.checked_add(delta).ok_or(IncrError::Overflow)?;
-        let value = super::resp::format_int(new);
-        match shard.map.get_mut(key) {
-            Some(entry) => entry.value = value,
-            None => {
-                let entry = Entry { value, expires };
-                shard.map.insert(Bytes::copy_from_slice(key), entry);
-            }
+        if let Some(entry) = shard.map.get_mut(key).filter(|e| !e.expired(now)) {
+            let old = match &entry.value {
+                Value::Int(n) => *n,
+                Value::Bytes(bytes) => parse_int(bytes).ok_or(IncrError::NotAnInteger)?,
+            };
+            let new = old.checked_add(delta).ok_or(IncrError::Overflow)?;
+            entry.value = Value::Int(new);
+            return Ok(new);
         }
-        Ok(new)
+        // Missing, or expired: a new counter.
+        let entry = Entry {
+            value: Value::Int(delta),
+            expires: None,
+        };
+        shard.map.insert(Bytes::copy_from_slice(key), entry);
+        Ok(delta)
     }
 
     /// Sets when `key` expires; one in the past removes it. Returns whether the key
     /// exists (existed).
     pub fn expire(&self, key: &[u8], at: Instant, now: Instant) -> bool {
         let mut shard = self.shard(key, now);
-        if shard.live(key, now).is_none() {
+        if !shard.exists(key, now) {
             return false;
         }
         if at <= now {
@@ -234,12 +268,13 @@ impl Db {
 
     /// The time to live of `key`.
     pub fn ttl(&self, key: &[u8], now: Instant) -> Ttl {
-        match self.shard(key, now).live(key, now) {
-            None => Ttl::Missing,
-            Some(Entry { expires: None, .. }) => Ttl::Forever,
-            Some(Entry {
-                expires: Some(at), ..
-            }) => Ttl::Left(at.saturating_duration_since(now)),
+        let mut shard = self.shard(key, now);
+        if !shard.exists(key, now) {
+            return Ttl::Missing;
+        }
+        match shard.map.get(key).and_then(|entry| entry.expires) {
+            None => Ttl::Forever,
+            Some(at) => Ttl::Left(at.saturating_duration_since(now)),
         }
     }
 
@@ -287,6 +322,19 @@ impl Db {
     pub fn subscribers(&self, channel: &[u8]) -> usize {
         lock(&self.channels).get(channel).copied().unwrap_or(0)
     }
+}
+
+/// The shard of `key`: a cheap multiplicative hash. It need not resist a peer that
+/// chooses its keys: that could only crowd one shard's lock, while each shard's map
+/// keeps std's randomly seeded hash.
+fn shard_of(key: &[u8]) -> usize {
+    let mut hash: u64 = key.len() as u64;
+    for chunk in key.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        hash = (hash.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    (hash >> 60) as usize & (SHARDS - 1)
 }
 
 /// Locks `mutex`. No code panics while holding these locks with the data half changed,
