@@ -124,6 +124,59 @@ fn commands_answer_as_redis_does() {
     assert!(conn.is_closed());
 }
 
+/// Ensure nothing a peer sends can panic the protocol: times to live at the edge of
+/// the clock, and a thousand random byte strings (bounded, with RESP's own bytes
+/// mixed in) fed in random splits, each on a fresh connection to one shared store.
+#[test]
+fn hostile_bytes_cannot_panic_the_server() {
+    let db = Arc::new(Db::new());
+    let mut conn = connect(&db, 1);
+    let max = i64::MAX.to_string();
+    for (words, expected) in [
+        (
+            vec!["SET", "k", "v", "EX", max.as_str()],
+            "-ERR invalid expire time in 'set' command\r\n",
+        ),
+        (
+            vec!["SET", "k", "v", "PX", max.as_str()],
+            "-ERR invalid expire time in 'set' command\r\n",
+        ),
+        (vec!["SET", "k", "v"], "+OK\r\n"),
+        (
+            vec!["EXPIRE", "k", max.as_str()],
+            "-ERR invalid expire time in 'expire' command\r\n",
+        ),
+        (
+            vec!["INCRBY", "n", &i64::MIN.to_string()],
+            ":-9223372036854775808\r\n",
+        ),
+        (
+            vec!["DECR", "n"],
+            "-ERR increment or decrement would overflow\r\n",
+        ),
+    ] {
+        let words: Vec<&[u8]> = words.iter().map(|w| w.as_bytes()).collect();
+        assert_eq!(call(&mut conn, &words), expected);
+    }
+    let alphabet: &[u8] = b"*$:+-\r\n0123456789-SETGETINCRsubscribe \"\\\x00\xff";
+    for round in 0..1000u64 {
+        let mut conn = connect(&db, round + 2);
+        let len = fastrand::usize(0..200);
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| alphabet[fastrand::usize(..alphabet.len())])
+            .collect();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = fastrand::usize(1..=rest.len());
+            conn.feed(&rest[..n]);
+            rest = &rest[n..];
+        }
+        conn.feed_eof();
+        assert!(conn.is_closed());
+        let _ = conn.take_output();
+    }
+}
+
 /// Ensure keys expire in the harness's virtual time: `TTL` counts down, the key is gone
 /// once due, `EXPIRE` in the past removes it, `INCR` keeps a key's time to live, and a
 /// plain `SET` clears it.

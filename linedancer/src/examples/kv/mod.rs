@@ -14,7 +14,7 @@
 mod resp;
 mod store;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -328,8 +328,7 @@ const COMMANDS: &[Command] = &[
             let at = if seconds <= 0 {
                 Some(now)
             } else {
-                (seconds.checked_mul(1000))
-                    .and_then(|ms| now.checked_add(Duration::from_millis(ms as u64)))
+                seconds.checked_mul(1000).and_then(|ms| deadline(now, ms))
             };
             let answer = match at {
                 Some(at) => Reply::Integer(i64::from(ctx.state().expire(&args[1], at, now))),
@@ -504,8 +503,7 @@ fn set_options(options: &[Bytes], now: Instant) -> Result<(Option<Instant>, Cond
                 } else {
                     amount
                 };
-                let at = now.checked_add(Duration::from_millis(millis as u64));
-                expires = Some(at.ok_or_else(invalid)?);
+                expires = Some(deadline(now, millis).ok_or_else(invalid)?);
             }
             b"nx" if condition == Condition::Always => condition = Condition::IfMissing,
             b"xx" if condition == Condition::Always => condition = Condition::IfExists,
@@ -513,6 +511,18 @@ fn set_options(options: &[Bytes], now: Instant) -> Result<(Option<Instant>, Cond
         }
     }
     Ok((expires, condition))
+}
+
+/// The instant `millis` (positive) after `now`, or `None` where Redis finds the time
+/// invalid: when the Unix time in milliseconds it would be does not fit in 64 bits.
+fn deadline(now: Instant, millis: i64) -> Option<Instant> {
+    let unix_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
+    if millis > i64::MAX - unix_now {
+        return None;
+    }
+    now.checked_add(Duration::from_millis(millis as u64))
 }
 
 /// Redis's reply to an unknown command, with its first arguments.

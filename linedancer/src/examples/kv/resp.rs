@@ -63,6 +63,20 @@ impl Reply {
 pub struct Resp {
     /// A protocol error was decoded: nothing more is.
     failed: bool,
+    /// How far an array that has not all arrived was parsed: each read goes on from
+    /// there, so that a request sent a byte at a time costs no more than one sent whole.
+    partial: Option<Partial>,
+}
+
+/// An array request parsed in part.
+#[derive(Debug, Clone, Default)]
+struct Partial {
+    /// The elements it has.
+    count: usize,
+    /// Where each element parsed so far lies in the buffer.
+    spans: Vec<(usize, usize)>,
+    /// Where the next element starts.
+    at: usize,
 }
 
 impl Decoder for Resp {
@@ -74,7 +88,7 @@ impl Decoder for Resp {
             return Ok(None);
         }
         let parsed = if src[0] == b'*' {
-            parse_array(src)
+            parse_array(src, &mut self.partial)
         } else {
             parse_inline(src)
         };
@@ -104,17 +118,31 @@ impl Decoder for Resp {
 
 /// Parses `*n\r\n` and `n` bulk strings from the start of `src`, taking them out of it
 /// when all have arrived.
-fn parse_array(src: &mut BytesMut) -> Result<Option<Request>, &'static str> {
-    let Some((count, mut at)) = header(src, 0)? else {
-        return Ok(None);
+fn parse_array(
+    src: &mut BytesMut,
+    partial: &mut Option<Partial>,
+) -> Result<Option<Request>, &'static str> {
+    let progress = match partial {
+        Some(progress) => progress,
+        None => {
+            let Some((count, at)) = header(src, 0)? else {
+                return Ok(None);
+            };
+            if count > MAX_ARGS as i64 {
+                return Err("invalid multibulk length");
+            }
+            // Zero or fewer elements is no command, as Redis has it.
+            let count = usize::try_from(count).unwrap_or(0);
+            partial.insert(Partial {
+                count,
+                // Grown as elements arrive, not reserved from what the header claims.
+                spans: Vec::with_capacity(count.min(16)),
+                at,
+            })
+        }
     };
-    if count > MAX_ARGS as i64 {
-        return Err("invalid multibulk length");
-    }
-    // Zero or fewer elements is no command, as Redis has it.
-    let count = usize::try_from(count).unwrap_or(0);
-    let mut spans = Vec::with_capacity(count);
-    for _ in 0..count {
+    while progress.spans.len() < progress.count {
+        let at = progress.at;
         match src.get(at) {
             None => return Ok(None),
             Some(b'$') => {}
@@ -134,9 +162,12 @@ fn parse_array(src: &mut BytesMut) -> Result<Option<Request>, &'static str> {
         if &src[end..end + 2] != b"\r\n" {
             return Err("a bulk string is longer than its length");
         }
-        spans.push((start, end));
-        at = end + 2;
+        progress.spans.push((start, end));
+        progress.at = end + 2;
     }
+    let Some(Partial { spans, at, .. }) = partial.take() else {
+        return Ok(None);
+    };
     let request = src.split_to(at).freeze();
     let args = spans
         .iter()
@@ -384,6 +415,31 @@ mod tests {
         for cut in 1..24 {
             assert_eq!(decode(&full[..cut]), (None, cut), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_request_sent_a_byte_at_a_time_is_parsed_where_it_left_off() {
+        let full = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nvalue\r\n*1\r\n$4\r\nPING\r\n";
+        let mut codec = Resp::default();
+        let mut buf = BytesMut::new();
+        let mut requests = Vec::new();
+        for byte in full {
+            buf.extend_from_slice(&[*byte]);
+            while let Some(request) = codec.decode(&mut buf).unwrap() {
+                requests.push(request);
+            }
+            // Never more elements than have arrived.
+            let parsed = codec.partial.as_ref().map_or(0, |p| p.spans.len());
+            assert!(parsed <= 3);
+        }
+        assert_eq!(
+            requests,
+            vec![
+                command(&[b"SET", b"k", b"value"]).unwrap(),
+                command(&[b"PING"]).unwrap()
+            ]
+        );
+        assert!(buf.is_empty());
     }
 
     #[test]
