@@ -46,8 +46,8 @@ fn wrong(key: u32) -> u32 {
     key % 1_000_000 + 1
 }
 
-/// Ensure the whole dialogue: greeting, a stray line, a wrong key, the right key, then
-/// lines answered with the client's key, `\r\n` endings included.
+/// Ensure the whole dialogue: greeting, a stray line and a wrong key (both failures),
+/// the right key, then lines answered with the client's key, `\r\n` endings included.
 #[tokio::test]
 async fn the_whole_dialogue() {
     bounded(async {
@@ -55,6 +55,10 @@ async fn the_whole_dialogue() {
         let (mut client, _) = greeted(&server).await;
 
         client.send("hello?").await;
+        assert_eq!(
+            client.expect_line().await,
+            "authentication failed, try again"
+        );
         let key = challenge(&mut client).await;
         client.send(&format!("login:{}", wrong(key))).await;
         assert_eq!(
@@ -87,23 +91,26 @@ async fn the_whole_dialogue() {
     .await;
 }
 
-/// Ensure three failed logins get the server to say so and close the connection, while
-/// other lines in between do not count as failures.
+/// Ensure three failed logins get the server to say so and close the connection, and
+/// that any line but the exact login counts as one: another line, an empty one, a
+/// wrong key.
 #[tokio::test]
 async fn three_failed_logins_close_the_connection() {
     bounded(async {
         let server = handshake_server().await;
-        let (mut client, _) = greeted(&server).await;
+        let (mut client, mut key) = greeted(&server).await;
         for attempt in 1..=3 {
-            client.send("not a login").await;
-            let key = challenge(&mut client).await;
-            client.send(&format!("login:{}", wrong(key))).await;
+            match attempt {
+                1 => client.send("not a login").await,
+                2 => client.send("").await,
+                _ => client.send(&format!("login:{}", wrong(key))).await,
+            }
             if attempt < 3 {
                 assert_eq!(
                     client.expect_line().await,
                     "authentication failed, try again"
                 );
-                challenge(&mut client).await;
+                key = challenge(&mut client).await;
             }
         }
         assert_eq!(

@@ -114,6 +114,36 @@ fn three_strikes() {
     assert_eq!(conn.take_text(), "", "nothing is read after the close");
 }
 
+/// Ensure only the exact login logs in: a sign, leading zeros or spaces around the key
+/// are failures like any other line.
+#[test]
+fn near_misses_are_failures() {
+    for near_miss in [
+        "login:+{key}",
+        "login:0{key}",
+        "login: {key}",
+        "login:{key} ",
+        "Login:{key}",
+    ] {
+        let (mut conn, key) = greeted();
+        conn.feed(format!(
+            "{}\n",
+            near_miss.replace("{key}", &key.to_string())
+        ));
+        let text = conn.take_text();
+        assert!(
+            text.starts_with("authentication failed, try again\nauth-req:"),
+            "{near_miss}: {text}"
+        );
+        let key = last_key(&text);
+        assert_eq!(
+            conn.protocol(),
+            Some(&Handshake::AwaitingLogin { key, failures: 1 }),
+            "{near_miss}"
+        );
+    }
+}
+
 /// Ensure the shutdown event says goodbye and closes.
 #[test]
 fn shutdown_says_goodbye() {

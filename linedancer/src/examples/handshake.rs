@@ -41,11 +41,11 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// On connect the server greets with [`WELCOME`] and a challenge, `auth-req:<key>`, with
 /// a random key from 1 to 1,000,000. The client answers `login:<key>`:
 ///
-/// - the right key: `authenticated as <key>`, and from then on every line is answered
-///   `client[<key>] -> <line>`;
-/// - a wrong key: `authentication failed, try again` and a new challenge; after
+/// - exactly `login:` and the key of the last challenge, as sent: `authenticated as
+///   <key>`, and from then on every line is answered `client[<key>] -> <line>`;
+/// - any other line, a wrong key, a near miss (`login:+KEY`, `login:0KEY`, a space) or
+///   an empty line: `authentication failed, try again` and a new challenge; after
 ///   [`MAX_FAILED_LOGINS`] failures the server says so and closes;
-/// - any other line before login: a new challenge;
 /// - no successful login within [`LOGIN_TIMEOUT`]: the server says so and closes.
 ///
 /// On server shutdown it says goodbye and closes.
@@ -89,24 +89,23 @@ impl Protocol for Handshake {
 
     fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
         match *self {
-            Handshake::AwaitingLogin { key, failures } => match line.strip_prefix("login:") {
-                Some(given) if given.trim().parse() == Ok(key) => {
+            Handshake::AwaitingLogin { key, failures } => {
+                // Exactly the key sent, in its own digits: no sign, no leading zeros, no
+                // spaces.
+                if line.strip_prefix("login:") == Some(key.to_string().as_str()) {
                     ctx.send(format!("authenticated as {key}"));
                     ctx.clear_timeout();
                     *self = Handshake::Authenticated { key };
-                }
-                Some(_) if failures + 1 >= MAX_FAILED_LOGINS => {
+                } else if failures + 1 >= MAX_FAILED_LOGINS {
                     ctx.send(format!(
                         "authentication failed {MAX_FAILED_LOGINS} times, closing the connection"
                     ));
                     return Next::Close;
-                }
-                Some(_) => {
+                } else {
                     ctx.send("authentication failed, try again".to_owned());
                     *self = Handshake::challenge(failures + 1, ctx);
                 }
-                None => *self = Handshake::challenge(failures, ctx),
-            },
+            }
             Handshake::Authenticated { key } => ctx.send(format!("client[{key}] -> {line}")),
         }
         Next::Continue
