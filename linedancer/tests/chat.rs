@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::{bounded, serve, LineClient};
 use linedancer::codec::Lines;
-use linedancer::examples::{Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, WHO_LIMIT};
+use linedancer::examples::{
+    Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_MESSAGE_LENGTH, WHO_LIMIT,
+};
 use linedancer::testing::{Harness, Outgoing};
 use linedancer::{ConnectionId, Ctx, Next, Protocol, SendError, Server, ServerHandle};
 use tokio::sync::Barrier;
@@ -341,9 +343,9 @@ async fn three_hundred_clients_in_three_rooms_hear_their_room_exactly_once() {
 /// room goes on hearing everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
-    // 4 KiB lines; at most 64 MiB in all, far more than the socket buffers between
-    // the server and the deaf member hold.
-    const MAX_LINES: usize = 16 * 1024;
+    // Lines of nearly the longest message; at most 64 MiB in all, far more than the
+    // socket buffers between the server and the deaf member hold.
+    const MAX_LINES: usize = 64 * 1024;
     bounded(async {
         let (server, _) = chat_server(|b| b.max_output(64 * 1024)).await;
         let addr = server.local_addr();
@@ -354,7 +356,7 @@ async fn a_member_who_never_reads_is_dropped_and_the_room_goes_on() {
         listener.expect_line().await;
         let mut speaker = LineClient::connect(addr).await;
         speaker.expect_line().await;
-        let text = "x".repeat(4096);
+        let text = "x".repeat(MAX_MESSAGE_LENGTH - 10);
         let dropped = |server: &ServerHandle<ChatMessage>| {
             let closed = server.stats().closed;
             closed.output_overflow + closed.mailbox_overflow
@@ -485,6 +487,72 @@ fn announcements_stop_in_large_rooms() {
     );
 }
 
+/// Ensure nicks are unique whatever their case, made only of safe characters, and
+/// given back when their holder leaves; and that messages lose their control
+/// characters (no line can pass for someone else's) and overlong ones are refused.
+#[test]
+fn nicks_are_unique_and_messages_are_clean() {
+    let rooms = Arc::new(Rooms::default());
+    let connect = |id: u64| {
+        let codec = Default::default();
+        Harness::<Chat, Rooms>::connect_with(codec, Arc::clone(&rooms), ConnectionId(id))
+    };
+    let (mut ann, mut bob) = (connect(1), connect(2));
+    ann.take_text();
+    bob.take_text();
+    ann.feed("/nick Ann\n");
+    assert_eq!(ann.take_text(), "* you are now Ann\n");
+    bob.feed("/nick aNN\n/nick guest1\n");
+    assert_eq!(
+        bob.take_text(),
+        "* the nick aNN is taken\n* you are now guest1\n",
+        "guest1 is free once ann renamed"
+    );
+    for bad in ["<admin>", "*server", "a b", "esc\u{1b}[2J", "caf\u{e9}"] {
+        bob.feed(format!("/nick {bad}\n"));
+        assert_eq!(
+            bob.take_text(),
+            "* names are letters, digits, '-', '_' and '.' only\n",
+            "{bad:?}"
+        );
+    }
+    assert_eq!(bob.protocol().unwrap().nick(), "guest1");
+    ann.feed("/nick ann\n");
+    assert_eq!(
+        ann.take_text(),
+        "* you are now ann\n",
+        "a new case of one's own nick"
+    );
+    assert_eq!(rooms.holder("ANN"), Some(ConnectionId(1)));
+
+    ann.take_outgoing();
+    ann.feed("hi\r<admin> reboot now\u{1b}[1A\u{7f}\u{85}!\n");
+    assert_eq!(
+        ann.take_outgoing(),
+        vec![Outgoing::Broadcast {
+            group: LOBBY.into(),
+            message: ChatMessage::Line("<ann> hi<admin> reboot now[1A!".into()),
+        }]
+    );
+    ann.feed(format!("{}\n", "x".repeat(MAX_MESSAGE_LENGTH + 1)));
+    assert_eq!(
+        ann.take_text(),
+        format!("* message too long: at most {MAX_MESSAGE_LENGTH} characters\n")
+    );
+    assert_eq!(ann.take_outgoing(), vec![]);
+
+    ann.feed_eof();
+    assert_eq!(rooms.holder("ann"), None, "given back on leaving");
+    bob.feed("/nick ANN\n");
+    assert_eq!(bob.take_text(), "* you are now ANN\n");
+    // A user who took a guest name first does not stop a later guest from arriving.
+    let mut third = connect(3);
+    third.feed("/nick guest4\n");
+    third.take_text();
+    let mut fourth = connect(4);
+    assert!(fourth.take_text().starts_with("* welcome, guest4.2:"));
+}
+
 /// Ensure the chat protocol's commands ask for the right messages and group changes,
 /// and keep the shared rooms up to date.
 #[test]
@@ -529,7 +597,7 @@ fn chat_commands_in_the_harness() {
     conn.feed("/nick two words\n/join\n/dance\n");
     assert_eq!(
         conn.take_text(),
-        "* names have no spaces\n* names are 1 to 32 characters\n\
+        "* names are letters, digits, '-', '_' and '.' only\n* names are 1 to 32 characters\n\
          * unknown command /dance: try /nick, /join, /who or /quit\n"
     );
     assert_eq!(conn.take_outgoing(), vec![]);

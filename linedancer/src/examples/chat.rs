@@ -26,6 +26,10 @@ pub const LOBBY: &str = "lobby";
 /// The longest nick or room name, in characters.
 pub const MAX_NAME_LENGTH: usize = 32;
 
+/// The longest message, in characters (after control characters are removed); a
+/// longer one is refused with an error line.
+pub const MAX_MESSAGE_LENGTH: usize = 1000;
+
 /// How many other members `/who` names at most; the rest are counted.
 pub const WHO_LIMIT: usize = 50;
 
@@ -42,12 +46,18 @@ pub enum ChatMessage {
     Line(Arc<str>),
 }
 
-/// Each room's members, by connection id, with their nicks.
-type Members = HashMap<Arc<str>, BTreeMap<ConnectionId, Arc<str>>>;
+/// Each room's members, by connection id, with their nicks; and who holds each nick,
+/// by its lower-case form.
+#[derive(Debug, Default)]
+struct Members {
+    rooms: HashMap<Arc<str>, BTreeMap<ConnectionId, Arc<str>>>,
+    nicks: HashMap<String, ConnectionId>,
+}
 
-/// The chat's shared state: who is in which room, under which nick. Every connection
-/// keeps its own entry up to date, and `/who` reads it, so the answer costs one lock
-/// and no message, whatever the room's size.
+/// The chat's shared state: who is in which room, under which nick, and which nicks are
+/// taken (nicks are unique on the server, whatever their case). Every connection keeps
+/// its own entry up to date, and `/who` reads it, so the answer costs one lock and no
+/// message, whatever the room's size.
 #[derive(Debug, Default)]
 pub struct Rooms {
     rooms: Mutex<Members>,
@@ -56,31 +66,53 @@ pub struct Rooms {
 impl Rooms {
     /// The members of `room`, in connection order, with their nicks.
     pub fn members(&self, room: &str) -> Vec<(ConnectionId, Arc<str>)> {
-        (self.lock().get(room).into_iter())
+        (self.lock().rooms.get(room).into_iter())
             .flat_map(|members| members.iter().map(|(id, nick)| (*id, Arc::clone(nick))))
             .collect()
     }
 
     /// The rooms with anyone in them, in no particular order.
     pub fn rooms(&self) -> Vec<Arc<str>> {
-        self.lock().keys().cloned().collect()
+        self.lock().rooms.keys().cloned().collect()
     }
 
     /// How many members `room` has.
     pub fn size(&self, room: &str) -> usize {
-        self.lock().get(room).map_or(0, BTreeMap::len)
+        self.lock().rooms.get(room).map_or(0, BTreeMap::len)
+    }
+
+    /// Who holds `nick`, whatever its case.
+    pub fn holder(&self, nick: &str) -> Option<ConnectionId> {
+        self.lock().nicks.get(&nick.to_lowercase()).copied()
+    }
+
+    /// Gives `nick` to `id`, unless another connection holds it (in any case); then
+    /// returns false.
+    fn claim(&self, nick: &str, id: ConnectionId) -> bool {
+        let mut members = self.lock();
+        let holder = members.nicks.entry(nick.to_lowercase()).or_insert(id);
+        *holder == id
+    }
+
+    /// Gives up `nick`, if `id` holds it.
+    fn release(&self, nick: &str, id: ConnectionId) {
+        let mut members = self.lock();
+        let key = nick.to_lowercase();
+        if members.nicks.get(&key) == Some(&id) {
+            members.nicks.remove(&key);
+        }
     }
 
     /// Puts `id` in `room` as `nick`, or renames it there.
     fn enter(&self, room: &Arc<str>, id: ConnectionId, nick: &Arc<str>) {
-        let mut rooms = self.lock();
-        let members = rooms.entry(Arc::clone(room)).or_default();
-        members.insert(id, Arc::clone(nick));
+        let mut members = self.lock();
+        let room = members.rooms.entry(Arc::clone(room)).or_default();
+        room.insert(id, Arc::clone(nick));
     }
 
     /// Takes `id` out of `room`, and forgets the room once it is empty.
     fn leave(&self, room: &str, id: ConnectionId) {
-        let mut rooms = self.lock();
+        let rooms = &mut self.lock().rooms;
         if let Some(members) = rooms.get_mut(room) {
             members.remove(&id);
             if members.is_empty() {
@@ -93,8 +125,8 @@ impl Rooms {
     /// [`WHO_LIMIT`] others and counting the rest.
     fn who(&self, room: &str, me: ConnectionId, my_nick: &str) -> String {
         let mut line = format!("* in {room}: {my_nick} (you)");
-        let rooms = self.lock();
-        let others = (rooms.get(room).into_iter())
+        let members = self.lock();
+        let others = (members.rooms.get(room).into_iter())
             .flat_map(|members| members.iter())
             .filter(|(id, _)| **id != me);
         let mut more = 0usize;
@@ -106,7 +138,7 @@ impl Rooms {
                 more += 1;
             }
         }
-        drop(rooms);
+        drop(members);
         if more > 0 {
             let _ = write!(line, " and {more} more");
         }
@@ -124,11 +156,15 @@ impl Rooms {
 /// Every client starts as `guest<id>` in [`LOBBY`]. A line is sent to everyone else in
 /// the room as `<nick> line`; lines starting with `/` are commands:
 ///
-/// - `/nick NAME`: change your nick;
+/// - `/nick NAME`: change your nick, if nobody else has it (in any case);
 /// - `/join ROOM`: leave your room for another (made on first use);
 /// - `/who`: list who is in your room, in one line: you, then up to [`WHO_LIMIT`]
 ///   others, then how many more there are;
 /// - `/quit`: leave.
+///
+/// Nicks and room names are 1 to [`MAX_NAME_LENGTH`] ASCII letters, digits, `-`, `_`
+/// and `.`; a message loses its control characters, and one over
+/// [`MAX_MESSAGE_LENGTH`] characters is refused with an error line.
 ///
 /// Lines from the server itself start with `*`; comings and goings are announced in
 /// rooms of up to [`ANNOUNCE_LIMIT`] members. Who is where lives in the shared
@@ -182,6 +218,17 @@ impl Chat {
     }
 
     fn rename(&mut self, nick: &str, ctx: &mut Ctx<'_, Self, Rooms>) {
+        if nick == &*self.nick {
+            ctx.send(format!("* you are already {nick}").into());
+            return;
+        }
+        if !ctx.state().claim(nick, ctx.id()) {
+            ctx.send(format!("* the nick {nick} is taken").into());
+            return;
+        }
+        if !self.nick.eq_ignore_ascii_case(nick) {
+            ctx.state().release(&self.nick, ctx.id());
+        }
         self.announce(format!("* {} is now {nick}", self.nick), ctx);
         self.nick = nick.into();
         ctx.state().enter(&self.room, ctx.id(), &self.nick);
@@ -189,16 +236,27 @@ impl Chat {
     }
 }
 
-/// Checks a nick or room name: 1 to [`MAX_NAME_LENGTH`] characters, no spaces.
+/// Checks a nick or room name: 1 to [`MAX_NAME_LENGTH`] characters, each an ASCII
+/// letter or digit, `-`, `_` or `.`: nothing that could pass for the server's `*`, a
+/// speaker's `<nick>`, or move the cursor.
 fn valid_name(name: &str) -> Result<&str, String> {
     let length = name.chars().count();
     if length == 0 || length > MAX_NAME_LENGTH {
         Err(format!("names are 1 to {MAX_NAME_LENGTH} characters"))
-    } else if name.contains(char::is_whitespace) {
-        Err("names have no spaces".to_owned())
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Err("names are letters, digits, '-', '_' and '.' only".to_owned())
     } else {
         Ok(name)
     }
+}
+
+/// A message without its control characters (C0, DEL, C1: `\r`, escape sequences and
+/// the like), so that no one can print a line that seems to come from someone else.
+fn clean(message: &str) -> String {
+    message.chars().filter(|c| !c.is_control()).collect()
 }
 
 impl Protocol<Rooms> for Chat {
@@ -207,8 +265,15 @@ impl Protocol<Rooms> for Chat {
     type Message = ChatMessage;
 
     fn connect(ctx: &mut Ctx<'_, Self, Rooms>) -> Self {
+        // guest<id>, unless someone has taken it as a nick: then guest<id>.2, ...
+        let mut nick = format!("guest{}", ctx.id());
+        let mut suffix = 1;
+        while !ctx.state().claim(&nick, ctx.id()) {
+            suffix += 1;
+            nick = format!("guest{}.{suffix}", ctx.id());
+        }
         let chat = Chat {
-            nick: format!("guest{}", ctx.id()).into(),
+            nick: nick.into(),
             room: LOBBY.into(),
         };
         ctx.join(LOBBY);
@@ -227,8 +292,13 @@ impl Protocol<Rooms> for Chat {
 
     fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self, Rooms>) -> Next {
         let Some(command) = line.strip_prefix('/') else {
-            if !line.is_empty() {
-                self.say(format!("<{}> {line}", self.nick), ctx);
+            let message = clean(&line);
+            if message.chars().count() > MAX_MESSAGE_LENGTH {
+                let refusal =
+                    format!("* message too long: at most {MAX_MESSAGE_LENGTH} characters");
+                ctx.send(refusal.into());
+            } else if !message.is_empty() {
+                self.say(format!("<{}> {message}", self.nick), ctx);
             }
             return Next::Continue;
         };
@@ -266,6 +336,7 @@ impl Protocol<Rooms> for Chat {
     fn closed(&mut self, _: &CloseReason, ctx: &mut Ctx<'_, Self, Rooms>) {
         // However it ended: /quit, a disconnect, a reset, a timeout.
         ctx.state().leave(&self.room, ctx.id());
+        ctx.state().release(&self.nick, ctx.id());
         self.announce(format!("* {} left", self.nick), ctx);
     }
 

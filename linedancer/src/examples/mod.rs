@@ -19,7 +19,9 @@ mod handshake;
 pub mod kv;
 mod line_echo;
 
-pub use chat::{Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_NAME_LENGTH, WHO_LIMIT};
+pub use chat::{
+    Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_MESSAGE_LENGTH, MAX_NAME_LENGTH, WHO_LIMIT,
+};
 pub use echo::Echo;
 pub use gateway::{Gateway, CONNECT_TIMEOUT};
 pub use handshake::{Handshake, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME};
