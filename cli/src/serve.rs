@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// 30s or 5m; default: never.
     #[arg(long, value_name = "D")]
     idle_timeout: Option<humantime::Duration>,
+    /// Close a connection when a frame it has begun (part of a line, of a request) is
+    /// not complete after this long: a peer dripping bytes is never idle.
+    #[arg(long, default_value_t = linedancer::DEFAULT_FRAME_TIMEOUT.into(), value_name = "D")]
+    frame_timeout: humantime::Duration,
     /// On SIGTERM or Ctrl-C, how long to wait for connections to finish before
     /// closing them, such as 500ms or 10s.
     #[arg(long, default_value_t = linedancer::DEFAULT_DRAIN_TIMEOUT.into(), value_name = "D")]
@@ -165,6 +169,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         .max_connections(args.max_connections)
         .drain_timeout(*args.drain_timeout)
         .send_timeout(*args.send_timeout)
+        .frame_timeout(*args.frame_timeout)
         .max_output(args.max_output)
         .mailbox_capacity(args.mailbox_capacity);
     if let Some(timeout) = args.idle_timeout {

@@ -194,7 +194,7 @@ async fn bad_arguments_exit_1() {
 /// with an error line naming the value.
 #[tokio::test]
 async fn bad_limit_flags_exit_1() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--idle-timeout", "5 parsecs"],
             "error: invalid value '5 parsecs' for '--idle-timeout <D>': unknown time unit \"parsecs\"",
@@ -210,6 +210,10 @@ async fn bad_limit_flags_exit_1() {
         (
             &["--idle-timeout", "0s"],
             "error: invalid idle_timeout 0s: must be above zero",
+        ),
+        (
+            &["--frame-timeout", "0s"],
+            "error: invalid frame_timeout 0s: must be above zero",
         ),
         (
             &["--max-output", "0"],

@@ -19,6 +19,10 @@ pub enum CloseReason {
     /// No bytes arrived for the server's idle timeout
     /// ([`Builder::idle_timeout`](crate::Builder::idle_timeout)).
     IdleTimeout,
+    /// A frame had begun but was not complete within the frame timeout
+    /// ([`Builder::frame_timeout`](crate::Builder::frame_timeout)): a peer dripping
+    /// bytes that never make a frame.
+    FrameTimeout,
     /// The protocol's own timeout ([`Ctx::set_timeout`](crate::Ctx::set_timeout)) expired and its
     /// [`Protocol::timeout`](crate::Protocol::timeout) callback closed the connection.
     StateTimeout,
@@ -68,6 +72,7 @@ impl fmt::Display for CloseReason {
             CloseReason::PeerReset => f.write_str("peer reset"),
             CloseReason::Closed => f.write_str("closed by protocol"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::FrameTimeout => f.write_str("frame timeout"),
             CloseReason::StateTimeout => f.write_str("state timeout"),
             CloseReason::SendTimeout => f.write_str("send timeout: the peer stopped reading"),
             CloseReason::OutputOverflow => {

@@ -227,6 +227,8 @@ pub enum SendError {
 pub struct Limits {
     /// Close a connection when no bytes arrive for this long; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Close a connection when a frame it has begun is not complete after this long.
+    pub frame_timeout: Duration,
     /// Close a connection whose peer takes none of a pending reply for this long.
     pub send_timeout: Duration,
     /// Close a connection with more than this many bytes of replies waiting to be

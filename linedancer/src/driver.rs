@@ -110,6 +110,8 @@ pin_project! {
         armed: bool,
         // The send timer runs.
         sending: bool,
+        // A frame has begun and its timer runs.
+        framing: bool,
         stream: T,
         session: Session<P, S>,
         conn: Connection<P::Message>,
@@ -119,6 +121,11 @@ pin_project! {
         // Runs while replies wait for a peer that is slow to take them; pushed back
         // whenever it takes some.
         send_timer: Option<Pin<Box<Sleep>>>,
+        // Runs while a frame has begun and is not complete: from when it began, or
+        // from the last frame completed, when frames keep coming.
+        frame_timer: Option<Pin<Box<Sleep>>>,
+        // The frames decoded when the frame timer was last armed.
+        frames_seen: u64,
         // The idle timer and the time of the last input. It is pushed back lazily: a
         // read only notes the time, and the timer, when it fires early, sleeps again
         // until the real deadline.
@@ -171,11 +178,14 @@ where
             draining: false,
             armed: false,
             sending: false,
+            framing: false,
             stream,
             session,
             conn,
             timer: None,
             send_timer: None,
+            frame_timer: None,
+            frames_seen: 0,
             idle,
             spawned: None,
             linger: None,
@@ -204,11 +214,14 @@ where
             draining: this.draining,
             armed: this.armed,
             sending: this.sending,
+            framing: this.framing,
             stream: this.stream,
             session: this.session,
             conn: this.conn,
             timer: this.timer,
             send_timer: this.send_timer,
+            frame_timer: this.frame_timer,
+            frames_seen: this.frames_seen,
             idle: this.idle,
             spawned: this.spawned,
             limits: this.limits,
@@ -248,11 +261,14 @@ struct Parts<'a, P: Protocol<S>, S, T> {
     draining: &'a mut bool,
     armed: &'a mut bool,
     sending: &'a mut bool,
+    framing: &'a mut bool,
     stream: &'a mut T,
     session: &'a mut Session<P, S>,
     conn: &'a mut Connection<P::Message>,
     timer: &'a mut Option<Pin<Box<Sleep>>>,
     send_timer: &'a mut Option<Pin<Box<Sleep>>>,
+    frame_timer: &'a mut Option<Pin<Box<Sleep>>>,
+    frames_seen: &'a mut u64,
     idle: &'a mut Option<(Pin<Box<Sleep>>, Instant)>,
     spawned: &'a mut Option<JoinSet<P::Message>>,
     limits: &'a Limits,
@@ -331,6 +347,18 @@ where
                 Some(Timer::Clear) => *self.armed = false,
                 None => {}
             }
+            // A frame begun in the input, while we read: it has the frame timeout to
+            // complete, counted again whenever another frame completes.
+            let partial = !pending && !self.session.is_paused() && !self.session.input.is_empty();
+            if partial && (!*self.framing || self.session.frames() != *self.frames_seen) {
+                let deadline = Instant::now() + self.limits.frame_timeout;
+                match self.frame_timer {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => *self.frame_timer = Some(Box::pin(sleep_until(deadline))),
+                }
+                *self.frames_seen = self.session.frames();
+            }
+            *self.framing = partial;
             // The next event, in order of priority: the server's and other
             // connections', the stream, the protocol's timer, spawned work, the send
             // and idle timeouts.
@@ -427,6 +455,13 @@ where
                     Err(_) => {}
                 }
                 return Poll::Ready(Ok(()));
+            }
+        }
+        if *self.framing {
+            if let Some(timer) = self.frame_timer {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(CloseReason::FrameTimeout));
+                }
             }
         }
         if *self.sending {

@@ -168,8 +168,8 @@ pub use handler::{Handler, Service};
 pub use protocol::{Ctx, Frame, Next, Protocol};
 pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAILBOX_CAPACITY, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT,
-    DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_FRAME_TIMEOUT, DEFAULT_MAILBOX_CAPACITY,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
 };
 pub use stats::{ClosedCounts, Stats};
 pub use transport::{Address, Stream};

@@ -368,6 +368,8 @@ pub(crate) struct Session<P: Protocol<S>, S> {
     paused: bool,
     /// The peer has finished sending.
     eof: bool,
+    /// Frames decoded so far.
+    frames: u64,
     codec: P::Codec,
     protocol: P,
     peer: Peer,
@@ -408,6 +410,7 @@ impl<P: Protocol<S>, S> Session<P, S> {
             max_output,
             paused: false,
             eof: false,
+            frames: 0,
         }
     }
 
@@ -449,7 +452,10 @@ impl<P: Protocol<S>, S> Session<P, S> {
                 self.codec.decode(&mut self.input)
             };
             match decoded {
-                Ok(Some(frame)) => self.call(|p, ctx| p.frame(frame, ctx), CloseReason::Closed),
+                Ok(Some(frame)) => {
+                    self.frames += 1;
+                    self.call(|p, ctx| p.frame(frame, ctx), CloseReason::Closed);
+                }
                 Ok(None) => break,
                 Err(e) => self.asked.close = Some(CloseReason::BadFrame(e.to_string())),
             }
@@ -470,6 +476,11 @@ impl<P: Protocol<S>, S> Session<P, S> {
     /// Sets the virtual time the callbacks see as [`Ctx::now`].
     pub(crate) fn set_clock(&mut self, now: Instant) {
         self.clock = Some(now);
+    }
+
+    /// The frames decoded so far.
+    pub(crate) fn frames(&self) -> u64 {
+        self.frames
     }
 
     /// Whether decoding paused for the output limit, with input left to decode.

@@ -34,6 +34,9 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// closed.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default time a frame that has begun may take to complete.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The default limit on replies waiting to be written to one connection, in bytes.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 
@@ -85,6 +88,7 @@ impl Server {
                 threading: Threading::Shared,
                 limits: Limits {
                     idle_timeout: None,
+                    frame_timeout: DEFAULT_FRAME_TIMEOUT,
                     send_timeout: DEFAULT_SEND_TIMEOUT,
                     max_output: DEFAULT_MAX_OUTPUT,
                     mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
@@ -166,6 +170,9 @@ impl Settings {
         }
         if self.limits.idle_timeout == Some(Duration::ZERO) {
             return Err(refuse("idle_timeout", "0s".into(), "must be above zero"));
+        }
+        if self.limits.frame_timeout.is_zero() {
+            return Err(refuse("frame_timeout", "0s".into(), "must be above zero"));
         }
         if self.limits.send_timeout.is_zero() {
             return Err(refuse("send_timeout", "0s".into(), "must be above zero"));
@@ -290,6 +297,16 @@ impl<H, S> Builder<H, S> {
     /// timeout. Must be above zero.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.limits.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Closes a connection when a frame it has begun (part of a line, a request's header
+    /// without all its body) is not complete after `timeout`
+    /// ([`CloseReason::FrameTimeout`](crate::CloseReason::FrameTimeout)): a peer that
+    /// drips bytes is never idle, and this is what stops it. Default
+    /// [`DEFAULT_FRAME_TIMEOUT`]; must be above zero.
+    pub fn frame_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.limits.frame_timeout = timeout;
         self
     }
 

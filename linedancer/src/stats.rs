@@ -43,6 +43,8 @@ pub struct ClosedCounts {
     pub closed: u64,
     /// [`CloseReason::IdleTimeout`].
     pub idle_timeout: u64,
+    /// [`CloseReason::FrameTimeout`].
+    pub frame_timeout: u64,
     /// [`CloseReason::StateTimeout`].
     pub state_timeout: u64,
     /// [`CloseReason::SendTimeout`].
@@ -76,6 +78,7 @@ impl ClosedCounts {
             ("peer reset", self.peer_reset),
             ("closed by protocol", self.closed),
             ("idle timeout", self.idle_timeout),
+            ("frame timeout", self.frame_timeout),
             ("state timeout", self.state_timeout),
             ("send timeout", self.send_timeout),
             ("output overflow", self.output_overflow),
@@ -89,13 +92,14 @@ impl ClosedCounts {
     }
 
     fn from_array(counts: [u64; REASONS]) -> Self {
-        let [peer_closed, peer_reset, closed, idle_timeout, state_timeout, send_timeout, output_overflow, mailbox_overflow, bad_frame, bad_reply, panic, shutdown, io] =
+        let [peer_closed, peer_reset, closed, idle_timeout, frame_timeout, state_timeout, send_timeout, output_overflow, mailbox_overflow, bad_frame, bad_reply, panic, shutdown, io] =
             counts;
         ClosedCounts {
             peer_closed,
             peer_reset,
             closed,
             idle_timeout,
+            frame_timeout,
             state_timeout,
             send_timeout,
             output_overflow,
@@ -127,7 +131,7 @@ impl fmt::Display for ClosedCounts {
 }
 
 /// The number of close reasons counted apart.
-const REASONS: usize = 13;
+const REASONS: usize = 14;
 
 /// Where a close reason is counted, in the order of [`ClosedCounts::by_reason`].
 fn slot(reason: &CloseReason) -> usize {
@@ -136,15 +140,16 @@ fn slot(reason: &CloseReason) -> usize {
         CloseReason::PeerReset => 1,
         CloseReason::Closed => 2,
         CloseReason::IdleTimeout => 3,
-        CloseReason::StateTimeout => 4,
-        CloseReason::SendTimeout => 5,
-        CloseReason::OutputOverflow => 6,
-        CloseReason::MailboxOverflow => 7,
-        CloseReason::BadFrame(_) => 8,
-        CloseReason::BadReply(_) => 9,
-        CloseReason::Panic(_) => 10,
-        CloseReason::Shutdown => 11,
-        CloseReason::Io(_) => 12,
+        CloseReason::FrameTimeout => 4,
+        CloseReason::StateTimeout => 5,
+        CloseReason::SendTimeout => 6,
+        CloseReason::OutputOverflow => 7,
+        CloseReason::MailboxOverflow => 8,
+        CloseReason::BadFrame(_) => 9,
+        CloseReason::BadReply(_) => 10,
+        CloseReason::Panic(_) => 11,
+        CloseReason::Shutdown => 12,
+        CloseReason::Io(_) => 13,
     }
 }
 
@@ -247,6 +252,7 @@ mod tests {
             CloseReason::PeerReset,
             CloseReason::Closed,
             CloseReason::IdleTimeout,
+            CloseReason::FrameTimeout,
             CloseReason::StateTimeout,
             CloseReason::SendTimeout,
             CloseReason::OutputOverflow,

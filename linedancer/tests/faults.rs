@@ -125,6 +125,40 @@ async fn per_core_servers_serve_up_to_their_limit() {
     .await;
 }
 
+/// Ensure a peer that drips bytes which never make a frame is closed by the frame
+/// timeout (it is never idle), while one that sends its lines slowly, each complete
+/// within the timeout, is served for as long as it likes. Virtual time.
+#[tokio::test(start_paused = true)]
+async fn the_frame_timeout_cuts_off_a_drip_but_not_slow_lines() {
+    bounded(async {
+        let server = builder()
+            .frame_timeout(Duration::from_secs(2))
+            .protocol::<LineEcho>()
+            .start()
+            .await
+            .unwrap();
+        let mut dripper = TcpStream::connect(server.local_addr()).await.unwrap();
+        let mut slow = LineClient::connect(server.local_addr()).await;
+        dripper.write_all(b"never ").await.unwrap();
+        for n in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let piece = if n % 2 == 0 { "half a " } else { "line\n" };
+            slow.writer.write_all(piece.as_bytes()).await.unwrap();
+            if n % 2 == 1 {
+                assert_eq!(slow.expect_line().await, "half a line");
+            }
+            // Dripping on: the writes may fail once the server has closed.
+            let _ = dripper.write_all(b"x").await;
+        }
+        // Returns only once the server has ended the connection (a close or a reset).
+        let _ = read_to_close(&mut dripper).await;
+        server.wait_connections(|n| n == 1).await;
+        assert_eq!(server.stats().closed.frame_timeout, 1);
+        server.shutdown_with_timeout(Duration::ZERO).await;
+    })
+    .await;
+}
+
 /// Ensure the connection limit can be raised and lowered while running: raised, the
 /// waiting clients are accepted at once; lowered below the open connections, none is
 /// closed and no more are accepted until enough have ended.
