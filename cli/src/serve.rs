@@ -3,6 +3,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::examples::kv::Db;
@@ -51,6 +52,11 @@ pub struct ServeArgs {
     /// not complete after this long: a peer dripping bytes is never idle.
     #[arg(long, default_value_t = linedancer::DEFAULT_FRAME_TIMEOUT.into(), value_name = "D")]
     frame_timeout: humantime::Duration,
+    /// TCP keepalive on the accepted connections: after this long without a packet the
+    /// peer is probed, so one that vanished without closing is found (within about
+    /// twice this); `off` turns it off.
+    #[arg(long, default_value = "2m", value_name = "D|off", value_parser = keepalive)]
+    tcp_keepalive: Keepalive,
     /// On SIGTERM or Ctrl-C, how long to wait for connections to finish before
     /// closing them, such as 500ms or 10s.
     #[arg(long, default_value_t = linedancer::DEFAULT_DRAIN_TIMEOUT.into(), value_name = "D")]
@@ -170,6 +176,7 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         .drain_timeout(*args.drain_timeout)
         .send_timeout(*args.send_timeout)
         .frame_timeout(*args.frame_timeout)
+        .tcp_keepalive(args.tcp_keepalive.0)
         .max_output(args.max_output)
         .mailbox_capacity(args.mailbox_capacity);
     if let Some(timeout) = args.idle_timeout {
@@ -187,6 +194,19 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>()).await,
         _ => Err(ServeError::UnknownProtocol(args.protocol)),
     }
+}
+
+/// `--tcp-keepalive`: a duration, or off.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive(Option<Duration>);
+
+fn keepalive(text: &str) -> Result<Keepalive, String> {
+    if text == "off" {
+        return Ok(Keepalive(None));
+    }
+    humantime::parse_duration(text)
+        .map(|time| Keepalive(Some(time)))
+        .map_err(|e| format!("{e} (a duration such as 2m, or off)"))
 }
 
 /// Where `--bind` and `--port` say to listen, as `HOST:PORT` text for the builder.

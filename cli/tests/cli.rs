@@ -194,7 +194,7 @@ async fn bad_arguments_exit_1() {
 /// with an error line naming the value.
 #[tokio::test]
 async fn bad_limit_flags_exit_1() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--idle-timeout", "5 parsecs"],
             "error: invalid value '5 parsecs' for '--idle-timeout <D>': unknown time unit \"parsecs\"",
@@ -218,6 +218,14 @@ async fn bad_limit_flags_exit_1() {
         (
             &["--max-output", "0"],
             "error: invalid max_output 0: must be at least 1",
+        ),
+        (
+            &["--tcp-keepalive", "soon"],
+            "error: invalid value 'soon' for '--tcp-keepalive <D|off>'",
+        ),
+        (
+            &["--tcp-keepalive", "0s"],
+            "error: invalid tcp_keepalive 0s: must be above zero, or off",
         ),
     ];
     for (flags, error) in cases {

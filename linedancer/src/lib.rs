@@ -170,6 +170,7 @@ pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_FRAME_TIMEOUT, DEFAULT_MAILBOX_CAPACITY,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
+    DEFAULT_TCP_KEEPALIVE,
 };
 pub use stats::{ClosedCounts, Stats};
 pub use transport::{Address, Stream};

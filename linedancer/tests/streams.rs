@@ -299,3 +299,58 @@ async fn a_handed_stream_closes_with_its_reason() {
     })
     .await;
 }
+
+/// Writes whether its TCP connection has keepalive on, and after how long it probes.
+struct KeepaliveReport;
+
+impl Handler for KeepaliveReport {
+    async fn handle<T: Stream>(&self, mut stream: T, _conn: Connection) -> io::Result<()> {
+        let tcp = (&stream as &dyn std::any::Any)
+            .downcast_ref::<TcpStream>()
+            .expect("the listener hands over TCP streams");
+        let socket = socket2::SockRef::from(tcp);
+        let report = if socket.keepalive()? {
+            format!("{}s\n", socket.tcp_keepalive_time()?.as_secs())
+        } else {
+            "off\n".to_owned()
+        };
+        stream.write_all(report.as_bytes()).await?;
+        stream.shutdown().await
+    }
+}
+
+/// Ensure accepted connections have TCP keepalive on by default, inherited from the
+/// listening socket, with the time asked, and off when turned off.
+#[tokio::test]
+async fn accepted_connections_have_tcp_keepalive() {
+    bounded(async {
+        for (keepalive, expected) in [
+            (None, "120s\n"),
+            (Some(Some(Duration::from_secs(7))), "7s\n"),
+            (Some(None), "off\n"),
+        ] {
+            let mut builder = Server::builder().port(0);
+            if let Some(keepalive) = keepalive {
+                builder = builder.tcp_keepalive(keepalive);
+            }
+            let server = builder.handler(KeepaliveReport).start().await.unwrap();
+            let mut client = TcpStream::connect(server.local_addr()).await.unwrap();
+            let mut report = String::new();
+            client.read_to_string(&mut report).await.unwrap();
+            assert_eq!(report, expected, "{keepalive:?}");
+            server.shutdown().await;
+        }
+        let error = Server::builder()
+            .port(0)
+            .tcp_keepalive(Some(Duration::ZERO))
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid tcp_keepalive 0s: must be above zero, or off"
+        );
+    })
+    .await;
+}
