@@ -28,7 +28,7 @@ use crate::connections::{Connection, Event, Limits};
 use crate::handler::{sealed, Service};
 use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
 use crate::stats::Bytes;
-use crate::transport::Stream;
+use crate::transport::{self, Stream};
 
 /// Bytes reserved in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
@@ -525,6 +525,10 @@ where
     /// connection does not allocate its own), [`Protocol::closed`] is called, and the
     /// messages it sends go out.
     fn finish(&mut self, cut: Option<CloseReason>) {
+        if cut == Some(CloseReason::Shutdown) {
+            // Cut off by the end of the drain: the peer sees a reset, not a clean end.
+            transport::reset_on_close(self.stream);
+        }
         self.session.input.clear();
         self.session.output.clear();
         buffers::recycle(&mut self.session.input, 0);

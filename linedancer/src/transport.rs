@@ -21,6 +21,16 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
+/// Makes closing `stream` reset the connection (SO_LINGER 0) rather than end it
+/// cleanly, when it is a TCP socket: for connections the server cuts off, so that their
+/// peers can tell. Other streams close as they do.
+pub(crate) fn reset_on_close<T: Stream>(stream: &T) {
+    if let Some(tcp) = (stream as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>() {
+        // A socket that fails this is already gone.
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
 /// Where one end of a connection is: an IP address and port, a Unix socket, or nowhere
 /// that can be named (an in-memory stream).
 ///

@@ -123,8 +123,10 @@ async fn shutdown_drains_connected_clients() {
 }
 
 /// Connects a client that stays idle, shuts down with a short drain timeout, and checks
-/// that the connection was closed cleanly and counted as force-closed.
-async fn force_closes_an_idle_client<M: Send + 'static>(server: ServerHandle<M>) {
+/// that the connection was cut off, with a reset (`reset`: a protocol's connection) or a
+/// close (a raw handler's, whose socket the server cannot reach), and counted as
+/// force-closed.
+async fn force_closes_an_idle_client<M: Send + 'static>(server: ServerHandle<M>, reset: bool) {
     let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
     server.wait_connections(|n| n == 1).await;
     let report = server
@@ -138,15 +140,22 @@ async fn force_closes_an_idle_client<M: Send + 'static>(server: ServerHandle<M>)
         }
     );
     let mut rest = Vec::new();
-    idle.read_to_end(&mut rest).await.expect("a clean close");
+    let ended = idle.read_to_end(&mut rest).await;
+    if reset {
+        let error = ended.expect_err("a reset");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    } else {
+        ended.expect("a clean close");
+    }
     assert_eq!(server.connections(), 0);
 }
 
-/// Ensure connections still open when the drain timeout ends are closed and counted.
+/// Ensure connections still open when the drain timeout ends are reset, so that their
+/// peers can tell they were cut off, and counted.
 #[tokio::test]
 async fn shutdown_force_closes_after_the_drain_timeout() {
     bounded(async {
-        force_closes_an_idle_client(serve::<Echo>().await).await;
+        force_closes_an_idle_client(serve::<Echo>().await, true).await;
     })
     .await;
 }
@@ -251,7 +260,7 @@ async fn shutdown_ends_handlers_that_ignore_it() {
             .start()
             .await
             .unwrap();
-        force_closes_an_idle_client(server).await;
+        force_closes_an_idle_client(server, false).await;
     })
     .await;
 }
