@@ -35,10 +35,11 @@ const READ_SIZE: usize = 8 * 1024;
 
 /// After the protocol closes a connection, how long unread input is drained so that
 /// closing does not reset the connection (and destroy the replies in flight).
-const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// How much unread input is drained at most after the protocol closes.
-const LINGER_BYTES: usize = 256 * 1024;
+/// How much unread input is drained at most after the protocol closes: enough for a
+/// client that pipelined a megabyte past its `QUIT` still to get its replies.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
 
 /// The [`Service`] that serves a [`Protocol`] with the application state `S`: what
 /// [`Builder::protocol`](crate::Builder::protocol) installs.

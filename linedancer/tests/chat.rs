@@ -14,6 +14,7 @@ use linedancer::examples::{
 };
 use linedancer::testing::{Harness, Outgoing};
 use linedancer::{ConnectionId, Ctx, Next, Protocol, SendError, Server, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
@@ -334,6 +335,58 @@ async fn three_hundred_clients_in_three_rooms_hear_their_room_exactly_once() {
         }
         server.wait_connections(|n| n == 0).await;
         assert_eq!(server.stats().closed.closed, CLIENTS as u64);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a client that pipelines 2,000 commands, `/quit` and 1 MiB more, and only
+/// starts reading a second later, gets every reply and `* bye`, then a clean end of
+/// stream: the server half-closes and discards what follows instead of closing with
+/// unread input (which would reset the connection and destroy the replies).
+#[tokio::test]
+async fn replies_before_quit_survive_a_client_that_keeps_sending() {
+    bounded(async {
+        let (server, _) = chat_server(|b| b).await;
+        let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap();
+        // Each answered with a line naming it: 2 MB of replies, more than the socket
+        // buffers and the output limit hold, so most wait in the server meanwhile.
+        let command = format!("/{}", "c".repeat(1000));
+        let mut requests = format!("{command}\n").repeat(2000);
+        requests.push_str("/quit\n");
+        let junk = format!("{}\n", "x".repeat(999)).repeat(1024);
+        let (mut reader, mut writer) = stream.split();
+        let send = async {
+            writer.write_all(requests.as_bytes()).await.unwrap();
+            // The server may have finished discarding and closed before all went.
+            let _ = writer.write_all(junk.as_bytes()).await;
+        };
+        let receive = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut received = Vec::new();
+            reader
+                .read_to_end(&mut received)
+                .await
+                .expect("a clean end, not a reset");
+            received
+        };
+        let ((), received) = tokio::join!(send, receive);
+        let text = String::from_utf8(received).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("* welcome"));
+        assert_eq!(
+            lines.len(),
+            1 + 2000 + 1,
+            "{:?}",
+            &lines[lines.len().saturating_sub(3)..]
+        );
+        let unknown = format!("* unknown command {command}: try /nick, /join, /who or /quit");
+        assert!(lines[1..2001].iter().all(|l| *l == unknown));
+        assert_eq!(lines[2001], "* bye");
+        drop(stream);
+        server.wait_connections(|n| n == 0).await;
         server.shutdown().await;
     })
     .await;
