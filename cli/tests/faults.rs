@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use common::{linedancer, serve, serve_command, TEST_TIMEOUT};
+use common::{cpu_ticks, fd_numbers, linedancer, open_fds, serve, serve_command, TEST_TIMEOUT};
 
 /// The server's file descriptor limit in the exhaustion test: room for a few dozen
 /// connections besides its own descriptors.
@@ -148,36 +148,6 @@ async fn echo_then_hold(
     stream.shutdown().await?;
     assert_eq!(stream.read(&mut [0; 1]).await?, 0, "client {id}: EOF");
     Ok(())
-}
-
-/// The number of file descriptors process `pid` has open.
-fn open_fds(pid: i32) -> usize {
-    fd_numbers(pid).len()
-}
-
-/// The file descriptors process `pid` has open.
-fn fd_numbers(pid: i32) -> Vec<usize> {
-    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-    (entries.map(|entry| {
-        entry
-            .unwrap()
-            .file_name()
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }))
-    .collect()
-}
-
-/// The CPU time process `pid` has used, user and system, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After the command name in parentheses: state, ppid, ... utime (14th), stime (15th).
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Ensure SIGTERM with a hundred clients mid-conversation closes the listener at once

@@ -147,3 +147,41 @@ pub async fn fails(args: &[&str]) -> (i32, String) {
         stderr,
     )
 }
+
+/// The number of file descriptors process `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    fd_numbers(pid).len()
+}
+
+/// The file descriptors process `pid` has open.
+pub fn fd_numbers(pid: i32) -> Vec<usize> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    (entries.map(|entry| {
+        entry
+            .unwrap()
+            .file_name()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }))
+    .collect()
+}
+
+/// The CPU time process `pid` has used, user and system, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state, ppid, ... utime (14th), stime (15th).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The resident memory of process `pid`, in bytes (VmRSS).
+pub fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
