@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::examples::kv::Db;
-use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, Rooms};
+use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, LoginTimeout, Rooms};
 use linedancer::{Server, ServerHandle, Service, Threading};
 use tracing::info;
 
@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// not complete after this long: a peer dripping bytes is never idle.
     #[arg(long, default_value_t = linedancer::DEFAULT_FRAME_TIMEOUT.into(), value_name = "D")]
     frame_timeout: humantime::Duration,
+    /// For the handshake: how long a client has to log in (default 30s).
+    #[arg(long, value_name = "D")]
+    login_timeout: Option<humantime::Duration>,
     /// TCP keepalive on the accepted connections: after this long without a packet the
     /// peer is probed, so one that vanished without closing is found (within about
     /// twice this); `off` turns it off.
@@ -108,6 +111,12 @@ pub enum ServeError {
     /// `serve gateway` without `--upstream`.
     #[error("serve gateway needs at least one --upstream HOST:PORT")]
     NoUpstream,
+    /// `--login-timeout` for a protocol other than the handshake.
+    #[error("--login-timeout is for the handshake only, not for '{0}'")]
+    LoginTimeoutNotHandshake(String),
+    /// `--login-timeout 0s`.
+    #[error("invalid --login-timeout 0s: must be above zero")]
+    NoLoginTime,
     /// `--upstream` for a protocol other than the gateway.
     #[error("--upstream {upstream} is for the gateway only, not for '{protocol}'")]
     UpstreamNotGateway {
@@ -169,6 +178,13 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
             protocol: args.protocol,
         });
     }
+    let login_timeout = match args.login_timeout.map(Duration::from) {
+        Some(_) if args.protocol != "handshake" => {
+            return Err(ServeError::LoginTimeoutNotHandshake(args.protocol));
+        }
+        Some(Duration::ZERO) => return Err(ServeError::NoLoginTime),
+        given => LoginTimeout(given.unwrap_or(linedancer::examples::LOGIN_TIMEOUT)),
+    };
     let mut builder = Server::builder()
         .address(address)
         .threading(threading)
@@ -184,7 +200,10 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     }
     match args.protocol.as_str() {
         "echo" => until_signal(builder.protocol::<Echo>()).await,
-        "handshake" => until_signal(builder.protocol::<Handshake>()).await,
+        "handshake" => {
+            let settings = Arc::new(login_timeout);
+            until_signal(builder.state(settings).protocol::<Handshake>()).await
+        }
         "line-echo" => until_signal(builder.protocol::<LineEcho>()).await,
         "chat" => {
             let rooms = Arc::new(Rooms::default());

@@ -122,6 +122,45 @@ async fn serve_chat_relays_a_line_between_clients() {
     .expect("bounded");
 }
 
+/// Ensure `--login-timeout` gives a handshake client that long to log in, and is
+/// refused for other protocols and at zero.
+#[tokio::test]
+async fn serve_handshake_login_timeout() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = serve(&[
+            "serve",
+            "handshake",
+            "--port",
+            "0",
+            "--login-timeout",
+            "200ms",
+        ])
+        .await;
+        let stream = TcpStream::connect(&server.addr).await.unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        let mut last = String::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            last = line;
+        }
+        assert_eq!(last, "login timed out, closing the connection");
+    })
+    .await
+    .expect("bounded");
+    let (code, stderr) = fails(&["serve", "echo", "--login-timeout", "5s"]).await;
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            1,
+            "error: --login-timeout is for the handshake only, not for 'echo'\n"
+        )
+    );
+    let (code, stderr) = fails(&["serve", "handshake", "--login-timeout", "0s"]).await;
+    assert_eq!(
+        (code, stderr.as_str()),
+        (1, "error: invalid --login-timeout 0s: must be above zero\n")
+    );
+}
+
 /// Ensure the handshake server greets like the original.
 #[tokio::test]
 async fn serve_handshake_greets() {

@@ -1,10 +1,11 @@
 //! The sans-IO harness: the handshake state machine and the protocol timer, with no
 //! socket and virtual time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use linedancer::codec::Lines;
-use linedancer::examples::{Handshake, LOGIN_TIMEOUT, WELCOME};
+use linedancer::examples::{Handshake, LoginTimeout, LOGIN_TIMEOUT, WELCOME};
 use linedancer::testing::Harness;
 use linedancer::{CloseReason, Ctx, Next, Protocol};
 
@@ -142,6 +143,21 @@ fn near_misses_are_failures() {
             "{near_miss}"
         );
     }
+}
+
+/// Ensure the login timeout comes from the server's state when it gives one.
+#[test]
+fn login_timeout_from_the_state() {
+    let timeout = Arc::new(LoginTimeout(Duration::from_secs(5)));
+    let mut conn = Harness::<Handshake, LoginTimeout>::connect_with_state(timeout);
+    assert_eq!(conn.timeout_in(), Some(Duration::from_secs(5)));
+    conn.take_text();
+    conn.advance(Duration::from_secs(5));
+    assert_eq!(
+        conn.take_text(),
+        "login timed out, closing the connection\n"
+    );
+    assert_eq!(conn.close_reason(), Some(&CloseReason::StateTimeout));
 }
 
 /// Ensure the shutdown event says goodbye and closes.

@@ -32,9 +32,34 @@ pub const WELCOME: [&str; 5] = [
 pub const MAX_FAILED_LOGINS: u32 = 3;
 
 /// How long a client has, from connecting, to log in before the server closes the
-/// connection: a client that goes silent or trickles bytes cannot hold a connection in
-/// the login state for ever.
+/// connection, by default: a client that goes silent or trickles bytes cannot hold a
+/// connection in the login state for ever.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the handshake reads from the server's state: how long a client has to log in.
+/// Served with no state (`()`), it has [`LOGIN_TIMEOUT`]; with a [`LoginTimeout`],
+/// that one.
+pub trait HandshakeSettings: Send + Sync + 'static {
+    /// How long a client has, from connecting, to log in.
+    fn login_timeout(&self) -> Duration;
+}
+
+impl HandshakeSettings for () {
+    fn login_timeout(&self) -> Duration {
+        LOGIN_TIMEOUT
+    }
+}
+
+/// A login timeout of the server's choosing, given as the handshake's state
+/// (`serve handshake --login-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginTimeout(pub Duration);
+
+impl HandshakeSettings for LoginTimeout {
+    fn login_timeout(&self) -> Duration {
+        self.0
+    }
+}
 
 /// The handshake protocol's states.
 ///
@@ -46,7 +71,8 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// - any other line, a wrong key, a near miss (`login:+KEY`, `login:0KEY`, a space) or
 ///   an empty line: `authentication failed, try again` and a new challenge; after
 ///   [`MAX_FAILED_LOGINS`] failures the server says so and closes;
-/// - no successful login within [`LOGIN_TIMEOUT`]: the server says so and closes.
+/// - no successful login within the login timeout ([`LOGIN_TIMEOUT`], or the
+///   [`LoginTimeout`] given as the server's state): the server says so and closes.
 ///
 /// On server shutdown it says goodbye and closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,27 +93,27 @@ pub enum Handshake {
 
 impl Handshake {
     /// Sends a new challenge and waits for its answer.
-    fn challenge(failures: u32, ctx: &mut Ctx<'_, Self>) -> Self {
+    fn challenge<S: HandshakeSettings>(failures: u32, ctx: &mut Ctx<'_, Self, S>) -> Self {
         let key = new_key();
         ctx.send(format!("auth-req:{key}"));
         Handshake::AwaitingLogin { key, failures }
     }
 }
 
-impl Protocol for Handshake {
+impl<S: HandshakeSettings> Protocol<S> for Handshake {
     type Codec = Lines;
     type Reply = String;
     type Message = ();
 
-    fn connect(ctx: &mut Ctx<'_, Self>) -> Self {
+    fn connect(ctx: &mut Ctx<'_, Self, S>) -> Self {
         for line in WELCOME {
             ctx.send(line.to_owned());
         }
-        ctx.set_timeout(LOGIN_TIMEOUT);
+        ctx.set_timeout(ctx.state().login_timeout());
         Handshake::challenge(0, ctx)
     }
 
-    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn frame(&mut self, line: String, ctx: &mut Ctx<'_, Self, S>) -> Next {
         match *self {
             Handshake::AwaitingLogin { key, failures } => {
                 // Exactly the key sent, in its own digits: no sign, no leading zeros, no
@@ -111,12 +137,12 @@ impl Protocol for Handshake {
         Next::Continue
     }
 
-    fn timeout(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn timeout(&mut self, ctx: &mut Ctx<'_, Self, S>) -> Next {
         ctx.send("login timed out, closing the connection".to_owned());
         Next::Close
     }
 
-    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self>) -> Next {
+    fn shutdown(&mut self, ctx: &mut Ctx<'_, Self, S>) -> Next {
         ctx.send("server shutting down, goodbye".to_owned());
         Next::Close
     }

@@ -24,6 +24,8 @@ pub use chat::{
 };
 pub use echo::Echo;
 pub use gateway::{Gateway, CONNECT_TIMEOUT};
-pub use handshake::{Handshake, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME};
+pub use handshake::{
+    Handshake, HandshakeSettings, LoginTimeout, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME,
+};
 pub use kv::Kv;
 pub use line_echo::LineEcho;
