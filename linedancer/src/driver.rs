@@ -148,6 +148,21 @@ struct Linger {
     shut: bool,
     discarded: usize,
     deadline: Pin<Box<Sleep>>,
+    /// Why the connection was cut short, if it was.
+    cut: Option<CloseReason>,
+}
+
+/// Whether a connection cut short for `reason` still closes gently, lingering: when one
+/// of the server's limits ended it, and the peer, alive, may still be sending.
+fn closes_gently(reason: &CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::IdleTimeout
+            | CloseReason::FrameTimeout
+            | CloseReason::SendTimeout
+            | CloseReason::OutputOverflow
+            | CloseReason::MailboxOverflow
+    )
 }
 
 impl<P, S, T> Drive<P, S, T>
@@ -231,22 +246,30 @@ where
         let cut = match this.linger {
             Some(linger) => {
                 ready!(drive.poll_linger(linger, cx));
-                None
+                linger.cut.take()
             }
-            None => match ready!(drive.poll_serve(cx)) {
-                // Closed by the protocol, its replies written: wait for the peer's FIN
-                // unless it has sent it already.
-                None if drive.session.closing() != Some(&CloseReason::PeerClosed) => {
+            None => {
+                let cut = ready!(drive.poll_serve(cx));
+                // Closed by the protocol, its replies written, or cut off by one of the
+                // server's limits: wait for the peer's FIN unless it has sent it, or
+                // could not (a reset, an error, the end of the drain).
+                let gently = match &cut {
+                    None => drive.session.closing() != Some(&CloseReason::PeerClosed),
+                    Some(reason) => closes_gently(reason),
+                };
+                if !gently {
+                    cut
+                } else {
                     let linger = this.linger.insert(Linger {
                         shut: false,
                         discarded: 0,
                         deadline: Box::pin(sleep(LINGER_TIME)),
+                        cut,
                     });
                     ready!(drive.poll_linger(linger, cx));
-                    None
+                    linger.cut.take()
                 }
-                cut => cut,
-            },
+            }
         };
         drive.finish(cut);
         Poll::Ready(Ok(()))

@@ -317,6 +317,9 @@ async fn silent_clients_are_closed_by_the_idle_timeout() {
         };
         let (closed, ()) = tokio::join!(read_to_close(&mut silent), talking);
         assert_eq!(closed.unwrap(), b"", "closed with no reply");
+        // The server closed gently, and waits for the silent client's end.
+        drop(silent);
+        server.wait_connections(|n| n == 1).await;
         assert_eq!(
             server.stats().closed.idle_timeout,
             1,
