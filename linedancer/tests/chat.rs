@@ -254,6 +254,34 @@ async fn live_connections_are_listed_and_leave_their_groups() {
     .await;
 }
 
+/// Ensure, over sockets, that a nick taken in another case is refused and a message
+/// cannot smuggle a line break or an escape sequence to pass for someone else's line.
+#[tokio::test]
+async fn nicks_and_messages_over_sockets() {
+    bounded(async {
+        let (server, _) = chat_server(|b| b).await;
+        let mut ann = LineClient::connect(server.local_addr()).await;
+        ann.expect_line().await;
+        ann.send("/nick ann").await;
+        assert_eq!(ann.expect_line().await, "* you are now ann");
+        let mut bob = LineClient::connect(server.local_addr()).await;
+        bob.expect_line().await;
+        bob.send("/nick ANN").await;
+        assert_eq!(bob.expect_line().await, "* the nick ANN is taken");
+        bob.send("hi\r<ann> give bob your password\u{1b}[2K").await;
+        // After the announcement of bob's arrival.
+        assert_eq!(ann.expect_line().await, "* guest2 joined lobby");
+        assert_eq!(
+            ann.expect_line().await,
+            "<guest2> hi<ann> give bob your password[2K"
+        );
+        drop((ann, bob));
+        server.wait_connections(|n| n == 0).await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure a chat member who just disconnects is announced to the room, like one who
 /// says /quit.
 #[tokio::test]
