@@ -135,7 +135,8 @@ pin_project! {
         // cancelled, with the connection.
         spawned: Option<JoinSet<P::Message>>,
         // Set once the protocol has closed and unread input is being drained.
-        linger: Option<Linger>,
+        // Boxed: most connections never linger, and an idle one should be small.
+        linger: Option<Box<Linger>>,
         limits: Limits,
         span: Span,
     }
@@ -260,12 +261,12 @@ where
                 if !gently {
                     cut
                 } else {
-                    let linger = this.linger.insert(Linger {
+                    let linger = this.linger.insert(Box::new(Linger {
                         shut: false,
                         discarded: 0,
                         deadline: Box::pin(sleep(LINGER_TIME)),
                         cut,
-                    });
+                    }));
                     ready!(drive.poll_linger(linger, cx));
                     linger.cut.take()
                 }
