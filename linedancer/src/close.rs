@@ -45,9 +45,9 @@ pub enum CloseReason {
     /// The protocol or handler panicked; the text is the panic's message. Only this
     /// connection ends.
     Panic(String),
-    /// The server's drain timeout ended while the connection was still open. The
-    /// protocol driver resets a TCP connection cut off this way (SO_LINGER 0), so that
-    /// its peer sees `ECONNRESET` rather than a clean end.
+    /// The server's drain timeout ended while the connection was still open. A TCP
+    /// connection cut off this way is reset (SO_LINGER 0), a protocol's or a raw
+    /// handler's, so that its peer sees `ECONNRESET` rather than a clean end.
     Shutdown,
     /// Another I/O error on the socket.
     Io(String),

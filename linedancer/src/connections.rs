@@ -120,6 +120,11 @@ impl<M> Connection<M> {
         self.shared.signal.is_raised(DRAIN)
     }
 
+    /// Watches for the end of the drain timeout, apart from the connection.
+    pub(crate) fn abort_watch(&self) -> AbortWatch<M> {
+        AbortWatch(Arc::clone(&self.shared))
+    }
+
     /// Polls for the end of the drain timeout.
     pub(crate) fn poll_abort(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.signal.poll(cx, ABORT).map(drop)
@@ -169,6 +174,17 @@ impl<M> Connection<M> {
     /// The connection set, to message and group other connections.
     pub(crate) fn connections(&self) -> &Connections<M> {
         &self.connections
+    }
+}
+
+/// Tells whether the drain timeout has ended for a connection: what a raw handler's
+/// stream checks as it is dropped.
+pub(crate) struct AbortWatch<M>(Arc<Shared<M>>);
+
+impl<M> AbortWatch<M> {
+    /// Whether the drain timeout has ended with the connection still open.
+    pub(crate) fn aborted(&self) -> bool {
+        self.0.signal.is_raised(ABORT)
     }
 }
 

@@ -8,9 +8,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use crate::connections::Connection;
-use crate::transport::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::connections::{AbortWatch, Connection};
+use crate::transport::{self, Stream};
 
 /// Serves one connection, given its stream.
 ///
@@ -75,7 +79,67 @@ impl<H: Handler> Service for H {
         stream: T,
         conn: Connection,
     ) -> impl Future<Output = io::Result<()>> + Send {
+        let stream = ResetOnAbort {
+            watch: conn.abort_watch(),
+            inner: stream,
+        };
         self.handle(stream, conn)
+    }
+}
+
+/// A raw handler's stream: itself, but dropped after the drain timeout has ended (the
+/// handler ignored the shutdown, and its task is ended), a TCP connection is reset, so
+/// that the peer can tell it was cut off, as the protocol driver does.
+struct ResetOnAbort<T: Stream> {
+    inner: T,
+    watch: AbortWatch<Infallible>,
+}
+
+impl<T: Stream> Drop for ResetOnAbort<T> {
+    fn drop(&mut self) {
+        if self.watch.aborted() {
+            transport::reset_on_close(&self.inner);
+        }
+    }
+}
+
+impl<T: Stream> AsyncRead for ResetOnAbort<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Stream> AsyncWrite for ResetOnAbort<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
