@@ -92,54 +92,61 @@ where
 pin_project! {
     /// One connection served by a protocol, from connect to close: a future written by
     /// hand rather than an `async fn`, so that what every request touches lies together
-    /// at its start (`repr(C)` keeps the order written). With a thousand connections a
-    /// request finds its connection out of the cache, and each cache line its state
-    /// spans costs a miss.
+    /// at its start (`repr(C)` keeps the order written, here and in [`Serving`]). With a
+    /// thousand connections a request finds its connection out of the cache, and each
+    /// cache line its state spans costs a miss.
     #[repr(C)]
     struct Drive<P: Protocol<S>, S, T> {
-        // What every request touches.
-        // The waker registered for events, so that it is not registered on every
-        // wake-up.
-        registered: Option<Waker>,
-        bytes: Bytes,
-        // The state name last recorded.
-        state: &'static str,
-        // Replies wait to be written, or were written and are not yet flushed (TLS).
-        unflushed: bool,
-        draining: bool,
-        // The protocol's timer runs.
-        armed: bool,
-        // The send timer runs.
-        sending: bool,
-        // A frame has begun and its timer runs.
-        framing: bool,
-        stream: T,
-        session: Session<P, S>,
-        conn: Connection<P::Message>,
-        // What only some requests touch.
-        // The protocol's timer.
-        timer: Option<Pin<Box<Sleep>>>,
-        // Runs while replies wait for a peer that is slow to take them; pushed back
-        // whenever it takes some.
-        send_timer: Option<Pin<Box<Sleep>>>,
-        // Runs while a frame has begun and is not complete: from when it began, or
-        // from the last frame completed, when frames keep coming.
-        frame_timer: Option<Pin<Box<Sleep>>>,
-        // The frames decoded when the frame timer was last armed.
-        frames_seen: u64,
-        // The idle timer and the time of the last input. It is pushed back lazily: a
-        // read only notes the time, and the timer, when it fires early, sleeps again
-        // until the real deadline.
-        idle: Option<(Pin<Box<Sleep>>, Instant)>,
-        // Work started with `Ctx::spawn`, made on first use; dropped, and so
-        // cancelled, with the connection.
-        spawned: Option<JoinSet<P::Message>>,
+        served: Serving<P, S, T>,
         // Set once the protocol has closed and unread input is being drained.
         // Boxed: most connections never linger, and an idle one should be small.
         linger: Option<Box<Linger>>,
-        limits: Limits,
-        span: Span,
     }
+}
+
+/// What serving a connection keeps from one poll to the next, what every request
+/// touches first.
+#[repr(C)]
+struct Serving<P: Protocol<S>, S, T> {
+    // What every request touches.
+    // The waker registered for events, so that it is not registered on every
+    // wake-up.
+    registered: Option<Waker>,
+    bytes: Bytes,
+    // The state name last recorded.
+    state: &'static str,
+    // Replies wait to be written, or were written and are not yet flushed (TLS).
+    unflushed: bool,
+    draining: bool,
+    // The protocol's timer runs.
+    armed: bool,
+    // The send timer runs.
+    sending: bool,
+    // A frame has begun and its timer runs.
+    framing: bool,
+    stream: T,
+    session: Session<P, S>,
+    conn: Connection<P::Message>,
+    // What only some requests touch.
+    // The protocol's timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    // Runs while replies wait for a peer that is slow to take them; pushed back
+    // whenever it takes some.
+    send_timer: Option<Pin<Box<Sleep>>>,
+    // Runs while a frame has begun and is not complete: from when it began, or
+    // from the last frame completed, when frames keep coming.
+    frame_timer: Option<Pin<Box<Sleep>>>,
+    // The frames decoded when the frame timer was last armed.
+    frames_seen: u64,
+    // The idle timer and the time of the last input. It is pushed back lazily: a
+    // read only notes the time, and the timer, when it fires early, sleeps again
+    // until the real deadline.
+    idle: Option<(Pin<Box<Sleep>>, Instant)>,
+    // Work started with `Ctx::spawn`, made on first use; dropped, and so
+    // cancelled, with the connection.
+    spawned: Option<JoinSet<P::Message>>,
+    limits: Limits,
+    span: Span,
 }
 
 /// After the protocol has closed: our side is shut, and what the peer still sends is
@@ -187,7 +194,7 @@ where
         let idle = limits
             .idle_timeout
             .map(|after| (Box::pin(sleep(after)), Instant::now()));
-        Drive {
+        let served = Serving {
             registered: None,
             bytes: Bytes::default(),
             state,
@@ -205,9 +212,12 @@ where
             frames_seen: 0,
             idle,
             spawned: None,
-            linger: None,
             limits,
             span,
+        };
+        Drive {
+            served,
+            linger: None,
         }
     }
 }
@@ -223,27 +233,7 @@ where
     /// whole story, so this never fails.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        let mut drive = Parts {
-            registered: this.registered,
-            bytes: this.bytes,
-            state: this.state,
-            unflushed: this.unflushed,
-            draining: this.draining,
-            armed: this.armed,
-            sending: this.sending,
-            framing: this.framing,
-            stream: this.stream,
-            session: this.session,
-            conn: this.conn,
-            timer: this.timer,
-            send_timer: this.send_timer,
-            frame_timer: this.frame_timer,
-            frames_seen: this.frames_seen,
-            idle: this.idle,
-            spawned: this.spawned,
-            limits: this.limits,
-            span: this.span,
-        };
+        let drive = this.served;
         let cut = match this.linger {
             Some(linger) => {
                 ready!(drive.poll_linger(linger, cx));
@@ -277,30 +267,7 @@ where
     }
 }
 
-/// The fields of a [`Drive`], borrowed for one poll.
-struct Parts<'a, P: Protocol<S>, S, T> {
-    registered: &'a mut Option<Waker>,
-    bytes: &'a mut Bytes,
-    state: &'a mut &'static str,
-    unflushed: &'a mut bool,
-    draining: &'a mut bool,
-    armed: &'a mut bool,
-    sending: &'a mut bool,
-    framing: &'a mut bool,
-    stream: &'a mut T,
-    session: &'a mut Session<P, S>,
-    conn: &'a mut Connection<P::Message>,
-    timer: &'a mut Option<Pin<Box<Sleep>>>,
-    send_timer: &'a mut Option<Pin<Box<Sleep>>>,
-    frame_timer: &'a mut Option<Pin<Box<Sleep>>>,
-    frames_seen: &'a mut u64,
-    idle: &'a mut Option<(Pin<Box<Sleep>>, Instant)>,
-    spawned: &'a mut Option<JoinSet<P::Message>>,
-    limits: &'a Limits,
-    span: &'a Span,
-}
-
-impl<P, S, T> Parts<'_, P, S, T>
+impl<P, S, T> Serving<P, S, T>
 where
     P: Protocol<S>,
     T: Stream,
@@ -311,37 +278,37 @@ where
         loop {
             if self.session.has_effects() {
                 for effect in self.session.take_effects() {
-                    carry_out(effect, self.conn, self.spawned);
+                    carry_out(effect, &self.conn, &mut self.spawned);
                 }
             }
-            if !self.session.output.is_empty() || *self.unflushed {
+            if !self.session.output.is_empty() || self.unflushed {
                 // Most replies fit in the socket buffer: write them at once, and wait
                 // for the peer only when some are left. No waker is registered here;
                 // one is below if the stream cannot take them all.
                 let noop = &mut Context::from_waker(Waker::noop());
-                let (written, sent) = poll_send(self.stream, &mut self.session.output, noop);
-                *self.unflushed = match sent {
+                let (written, sent) = poll_send(&mut self.stream, &mut self.session.output, noop);
+                self.unflushed = match sent {
                     Poll::Ready(Ok(())) => false,
                     Poll::Ready(Err(e)) => return Poll::Ready(Some(CloseReason::from_io(&e))),
                     Poll::Pending => true,
                 };
                 self.count_written(written);
-                if *self.unflushed && (!*self.sending || written > 0) {
+                if self.unflushed && (!self.sending || written > 0) {
                     let deadline = Instant::now() + self.limits.send_timeout;
-                    match self.send_timer {
+                    match &mut self.send_timer {
                         Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => *self.send_timer = Some(Box::pin(sleep_until(deadline))),
+                        None => self.send_timer = Some(Box::pin(sleep_until(deadline))),
                     }
-                    *self.sending = true;
+                    self.sending = true;
                 }
             }
             // Replies still waiting for the peer, in bytes.
             let waiting = self.session.output.len();
-            let pending = *self.unflushed;
+            let pending = self.unflushed;
             if !pending {
-                if *self.sending {
-                    *self.sending = false;
-                    if let Some((_, last_input)) = self.idle {
+                if self.sending {
+                    self.sending = false;
+                    if let Some((_, last_input)) = &mut self.idle {
                         // Waiting for the peer to read is not idleness.
                         *last_input = Instant::now();
                     }
@@ -352,9 +319,9 @@ where
                     continue;
                 }
             }
-            if self.session.state_name() != *self.state {
-                *self.state = self.session.state_name();
-                self.span.record("state", display(*self.state));
+            if self.session.state_name() != self.state {
+                self.state = self.session.state_name();
+                self.span.record("state", display(self.state));
                 self.conn.record_state(self.state);
             }
             if !pending && self.session.closing().is_some() {
@@ -363,27 +330,27 @@ where
             match self.session.take_timer() {
                 Some(Timer::Arm(after)) => {
                     let deadline = Instant::now() + after;
-                    match self.timer {
+                    match &mut self.timer {
                         Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => *self.timer = Some(Box::pin(sleep_until(deadline))),
+                        None => self.timer = Some(Box::pin(sleep_until(deadline))),
                     }
-                    *self.armed = true;
+                    self.armed = true;
                 }
-                Some(Timer::Clear) => *self.armed = false,
+                Some(Timer::Clear) => self.armed = false,
                 None => {}
             }
             // A frame begun in the input, while we read: it has the frame timeout to
             // complete, counted again whenever another frame completes.
             let partial = !pending && !self.session.is_paused() && !self.session.input.is_empty();
-            if partial && (!*self.framing || self.session.frames() != *self.frames_seen) {
+            if partial && (!self.framing || self.session.frames() != self.frames_seen) {
                 let deadline = Instant::now() + self.limits.frame_timeout;
-                match self.frame_timer {
+                match &mut self.frame_timer {
                     Some(sleep) => sleep.as_mut().reset(deadline),
-                    None => *self.frame_timer = Some(Box::pin(sleep_until(deadline))),
+                    None => self.frame_timer = Some(Box::pin(sleep_until(deadline))),
                 }
-                *self.frames_seen = self.session.frames();
+                self.frames_seen = self.session.frames();
             }
-            *self.framing = partial;
+            self.framing = partial;
             // The next event, in order of priority: the server's and other
             // connections', the stream, the protocol's timer, spawned work, the send
             // and idle timeouts.
@@ -401,13 +368,13 @@ where
     /// Waits for the next event and hands it to the session; `Err` when it cuts the
     /// connection short.
     fn poll_next(&mut self, pending: bool, cx: &mut Context<'_>) -> Poll<Result<(), CloseReason>> {
-        let draining = *self.draining;
-        if let Poll::Ready(event) = self.conn.poll_event(cx, !draining, self.registered) {
+        let draining = self.draining;
+        if let Poll::Ready(event) = self.conn.poll_event(cx, !draining, &mut self.registered) {
             match event {
                 Event::Abort => return Poll::Ready(Err(CloseReason::Shutdown)),
                 Event::Overflow => return Poll::Ready(Err(CloseReason::MailboxOverflow)),
                 Event::Drain => {
-                    *self.draining = true;
+                    self.draining = true;
                     self.session.shutdown();
                 }
                 Event::Mail => {
@@ -423,12 +390,12 @@ where
             // reading is held back, and meets the send timeout if it never reads.
             // Ready once some replies went (the top of the loop writes the rest) or
             // the stream failed.
-            match poll_send(self.stream, &mut self.session.output, cx) {
+            match poll_send(&mut self.stream, &mut self.session.output, cx) {
                 (0, Poll::Pending) => {}
                 (written, sent) => {
                     self.count_written(written);
                     match sent {
-                        Poll::Ready(Ok(())) => *self.unflushed = false,
+                        Poll::Ready(Ok(())) => self.unflushed = false,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(CloseReason::from_io(&e))),
                         Poll::Pending => {}
                     }
@@ -441,7 +408,7 @@ where
             // buffer.
             let input = &mut self.session.input;
             buffers::fill(input);
-            match poll_read_buf(Pin::new(&mut *self.stream), cx, input) {
+            match poll_read_buf(Pin::new(&mut self.stream), cx, input) {
                 Poll::Pending => {
                     buffers::recycle(input, 0);
                     buffers::recycle(&mut self.session.output, buffers::KEEP_OUTPUT);
@@ -450,7 +417,7 @@ where
                     if n > 0 {
                         self.bytes.read += n as u64;
                         self.conn.record_bytes(self.bytes.read, self.bytes.written);
-                        if let Some((_, last_input)) = self.idle {
+                        if let Some((_, last_input)) = &mut self.idle {
                             *last_input = Instant::now();
                         }
                     }
@@ -460,10 +427,10 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(CloseReason::from_io(&e))),
             }
         }
-        if *self.armed {
-            if let Some(timer) = self.timer {
+        if self.armed {
+            if let Some(timer) = &mut self.timer {
                 if timer.as_mut().poll(cx).is_ready() {
-                    *self.armed = false;
+                    self.armed = false;
                     self.session.timeout();
                     return Poll::Ready(Ok(()));
                 }
@@ -482,22 +449,22 @@ where
                 return Poll::Ready(Ok(()));
             }
         }
-        if *self.framing {
-            if let Some(timer) = self.frame_timer {
+        if self.framing {
+            if let Some(timer) = &mut self.frame_timer {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(CloseReason::FrameTimeout));
                 }
             }
         }
-        if *self.sending {
-            if let Some(timer) = self.send_timer {
+        if self.sending {
+            if let Some(timer) = &mut self.send_timer {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(CloseReason::SendTimeout));
                 }
             }
         }
         if !pending {
-            if let Some((sleep, last_input)) = self.idle {
+            if let Some((sleep, last_input)) = &mut self.idle {
                 if sleep.as_mut().poll(cx).is_ready() {
                     let after = self.limits.idle_timeout.expect("idle implies a timeout");
                     let deadline = *last_input + after;
@@ -526,7 +493,7 @@ where
             return Poll::Ready(());
         }
         if !linger.shut {
-            match Pin::new(&mut *self.stream).poll_shutdown(cx) {
+            match Pin::new(&mut self.stream).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => linger.shut = true,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Pending => return Poll::Pending,
@@ -536,7 +503,7 @@ where
         while linger.discarded < LINGER_BYTES {
             scratch.clear();
             buffers::fill(scratch);
-            match poll_read_buf(Pin::new(&mut *self.stream), cx, scratch) {
+            match poll_read_buf(Pin::new(&mut self.stream), cx, scratch) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(n)) => linger.discarded += n,
                 Poll::Pending => return Poll::Pending,
@@ -552,7 +519,7 @@ where
     fn finish(&mut self, cut: Option<CloseReason>) {
         if cut == Some(CloseReason::Shutdown) {
             // Cut off by the end of the drain: the peer sees a reset, not a clean end.
-            transport::reset_on_close(self.stream);
+            transport::reset_on_close(&self.stream);
         }
         self.session.input.clear();
         self.session.output.clear();
@@ -562,7 +529,7 @@ where
         // Work spawned now would outlive the connection: only messages go out.
         for effect in effects {
             if !matches!(effect, Effect::Spawn(_)) {
-                carry_out(effect, self.conn, self.spawned);
+                carry_out(effect, &self.conn, &mut self.spawned);
             }
         }
         self.conn.record_close(reason);
