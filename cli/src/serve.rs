@@ -2,13 +2,14 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::examples::kv::Db;
 use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, LoginTimeout, Rooms};
-use linedancer::{Server, ServerHandle, Service, Threading};
+use linedancer::{ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig};
 use tracing::info;
 
 /// The protocols `serve` knows, by the name given on the command line.
@@ -75,6 +76,40 @@ pub struct ServeArgs {
     /// (chat).
     #[arg(long, default_value_t = linedancer::DEFAULT_MAILBOX_CAPACITY, value_name = "N")]
     mailbox_capacity: usize,
+    /// Serve over TLS with this certificate chain (PEM), and the --tls-key given in the
+    /// same position. Repeat the pair for several certificates: a client's SNI name
+    /// picks the one for it, and the first is for clients that send no name or one no
+    /// certificate has. SIGHUP reloads the files; if one is bad, the old certificates
+    /// stay, and the log says why.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_certs: Vec<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the --tls-cert in the same
+    /// position.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_keys: Vec<PathBuf>,
+    /// An ALPN protocol to offer over TLS; repeat it for several, most preferred first.
+    #[arg(long = "tls-alpn", value_name = "NAME")]
+    tls_alpn: Vec<String>,
+    /// Close a connection whose TLS handshake is not done after this long.
+    #[arg(long, default_value_t = linedancer::DEFAULT_TLS_HANDSHAKE_TIMEOUT.into(), value_name = "D")]
+    tls_handshake_timeout: humantime::Duration,
+    /// The most connections opening at once (TLS handshake, PROXY header); at the cap,
+    /// new connections wait in the listen backlog.
+    #[arg(long, default_value_t = linedancer::DEFAULT_MAX_HANDSHAKES, value_name = "N")]
+    max_handshakes: usize,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, as HAProxy's
+    /// send-proxy and send-proxy-v2 send), whose client address is the peer's.
+    #[arg(long)]
+    proxy_protocol: bool,
+    /// With --proxy-protocol: a network (10.0.0.0/8) or address allowed to connect;
+    /// repeat it for several. Connections from anywhere else are closed at once.
+    /// Default: any peer, which must still send a header.
+    #[arg(long = "proxy-from", value_name = "CIDR")]
+    proxy_from: Vec<String>,
+    /// With --proxy-protocol: close a connection whose header is not complete after
+    /// this long.
+    #[arg(long, default_value_t = linedancer::DEFAULT_PROXY_HEADER_TIMEOUT.into(), value_name = "D")]
+    proxy_header_timeout: humantime::Duration,
 }
 
 /// The threading models of `--threading`.
@@ -133,6 +168,20 @@ pub enum ServeError {
         /// Why it does not resolve.
         reason: io::Error,
     },
+    /// `--tls-cert` and `--tls-key` not given in pairs.
+    #[error("--tls-cert and --tls-key go in pairs: got {certs} --tls-cert and {keys} --tls-key")]
+    TlsPairs {
+        /// How many `--tls-cert`.
+        certs: usize,
+        /// How many `--tls-key`.
+        keys: usize,
+    },
+    /// `--tls-alpn` without TLS.
+    #[error("--tls-alpn {0} needs --tls-cert and --tls-key")]
+    AlpnWithoutTls(String),
+    /// `--proxy-from` without `--proxy-protocol`.
+    #[error("--proxy-from {0} needs --proxy-protocol")]
+    ProxyFromWithoutProxy(String),
     /// The tokio runtime could not be built.
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
@@ -198,6 +247,22 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     if let Some(timeout) = args.idle_timeout {
         builder = builder.idle_timeout(*timeout);
     }
+    if let Some(tls) = tls_config(&args)? {
+        builder = builder
+            .tls(tls)
+            .tls_handshake_timeout(*args.tls_handshake_timeout);
+    }
+    builder = builder.max_handshakes(args.max_handshakes);
+    if args.proxy_protocol {
+        let proxy = (args.proxy_from.iter()).fold(ProxyProtocol::new(), |proxy, network| {
+            proxy.trust(network.as_str())
+        });
+        builder = builder
+            .proxy_protocol(proxy)
+            .proxy_header_timeout(*args.proxy_header_timeout);
+    } else if let Some(network) = args.proxy_from.first() {
+        return Err(ServeError::ProxyFromWithoutProxy(network.clone()));
+    }
     match args.protocol.as_str() {
         "echo" => until_signal(builder.protocol::<Echo>()).await,
         "handshake" => {
@@ -213,6 +278,28 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>()).await,
         _ => Err(ServeError::UnknownProtocol(args.protocol)),
     }
+}
+
+/// TLS from `--tls-cert`, `--tls-key` and `--tls-alpn`; `None` without certificates.
+fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, ServeError> {
+    let (certs, keys) = (&args.tls_certs, &args.tls_keys);
+    if certs.len() != keys.len() {
+        return Err(ServeError::TlsPairs {
+            certs: certs.len(),
+            keys: keys.len(),
+        });
+    }
+    let mut pairs = certs.iter().zip(keys);
+    let Some((cert, key)) = pairs.next() else {
+        return match args.tls_alpn.first() {
+            Some(alpn) => Err(ServeError::AlpnWithoutTls(alpn.clone())),
+            None => Ok(None),
+        };
+    };
+    let tls = pairs.fold(TlsConfig::pem_files(cert, key), |tls, (cert, key)| {
+        tls.add_pem_files(cert, key)
+    });
+    Ok(Some(tls.alpn(&args.tls_alpn)))
 }
 
 /// `--tcp-keepalive`: a duration, or off.
@@ -273,6 +360,14 @@ async fn until_signal<H: Service>(builder: linedancer::Builder<H>) -> Result<(),
         bytes_out = stats.bytes_out,
         "final stats"
     );
+    let failures = stats.tls_handshake_failures;
+    if failures.total() > 0 {
+        let by_reason: Vec<String> = (failures.by_reason().iter())
+            .filter(|(_, count)| *count > 0)
+            .map(|(reason, count)| format!("{reason} {count}"))
+            .collect();
+        info!(failed = failures.total(), by_reason = %by_reason.join(", "), "tls handshakes");
+    }
     Ok(())
 }
 

@@ -51,6 +51,109 @@ pub enum CloseReason {
     Shutdown,
     /// Another I/O error on the socket.
     Io(String),
+    /// The TLS handshake did not complete ([`Builder::tls`](crate::Builder::tls)); the
+    /// protocol never saw the connection.
+    TlsHandshake(TlsFailure),
+    /// The PROXY protocol header was missing, malformed, late or not allowed
+    /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)); the protocol
+    /// never saw the connection.
+    ProxyHeader(ProxyError),
+}
+
+/// Why a TLS handshake failed, as counted in
+/// [`Stats::tls_handshake_failures`](crate::Stats::tls_handshake_failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// Not complete within the handshake timeout
+    /// ([`Builder::tls_handshake_timeout`](crate::Builder::tls_handshake_timeout)).
+    Timeout,
+    /// The peer closed or reset the connection before the handshake was done.
+    PeerClosed,
+    /// The peer sent something that is not a valid TLS handshake (plain text, say), or
+    /// broke the protocol's rules.
+    BadMessage,
+    /// The peer refused our certificate (unknown CA, expired, wrong name): it sent a
+    /// certificate alert.
+    CertificateRejected,
+    /// No protocol version, cipher suite or ALPN protocol in common with the peer.
+    Incompatible,
+    /// The peer ended the handshake with another alert.
+    Alert,
+    /// Any other error.
+    Other,
+}
+
+impl TlsFailure {
+    /// Every kind, in the order of their counts.
+    pub(crate) const ALL: [TlsFailure; 7] = [
+        TlsFailure::Timeout,
+        TlsFailure::PeerClosed,
+        TlsFailure::BadMessage,
+        TlsFailure::CertificateRejected,
+        TlsFailure::Incompatible,
+        TlsFailure::Alert,
+        TlsFailure::Other,
+    ];
+
+    /// Its short name, as in the log and the stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::PeerClosed => "peer closed",
+            TlsFailure::BadMessage => "bad message",
+            TlsFailure::CertificateRejected => "certificate rejected",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::Alert => "alert",
+            TlsFailure::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What was wrong with a connection's PROXY protocol header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The connection starts with neither the v1 signature (`PROXY `) nor the v2 one.
+    #[error("no PROXY header: the connection starts with neither signature")]
+    BadSignature,
+    /// The header goes on past the most the protocol allows (107 bytes for v1) or
+    /// linedancer accepts (for v2).
+    #[error("v{version} header longer than {limit} bytes")]
+    TooLong {
+        /// 1 or 2.
+        version: u8,
+        /// The most allowed.
+        limit: usize,
+    },
+    /// The header has the signature but is malformed; the text says how.
+    #[error("malformed v{version} header: {reason}")]
+    Malformed {
+        /// 1 or 2.
+        version: u8,
+        /// What the parser found wrong.
+        reason: String,
+    },
+    /// The header was not complete within the header timeout
+    /// ([`Builder::proxy_header_timeout`](crate::Builder::proxy_header_timeout)).
+    #[error("header not complete within the timeout")]
+    Timeout,
+    /// The peer is not among those allowed to send a header
+    /// ([`ProxyProtocol::trust`](crate::ProxyProtocol::trust)).
+    #[error("peer not allowed to send a PROXY header")]
+    Untrusted,
+    /// The peer closed the connection before the header was complete.
+    #[error("peer closed before the header was complete")]
+    PeerClosed,
+    /// Reading the header failed.
+    #[error("i/o error: {0}")]
+    Io(String),
 }
 
 impl CloseReason {
@@ -86,6 +189,8 @@ impl fmt::Display for CloseReason {
             CloseReason::Panic(e) => write!(f, "panic: {e}"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+            CloseReason::TlsHandshake(e) => write!(f, "tls handshake failed: {e}"),
+            CloseReason::ProxyHeader(e) => write!(f, "proxy header: {e}"),
         }
     }
 }

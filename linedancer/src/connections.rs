@@ -20,7 +20,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -35,7 +35,9 @@ use tracing::{debug, info_span, warn};
 
 use crate::close::CloseReason;
 use crate::stats::{ByteCounts, Bytes, Counters, Stats};
-use crate::transport::Address;
+use crate::transport::proxy::ProxyHeader;
+use crate::transport::tls::TlsInfo;
+use crate::transport::{Address, TransportInfo};
 
 /// A connection's id: unique within one server, in accept order, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +58,8 @@ impl fmt::Display for ConnectionId {
 pub struct Connection<M = Infallible> {
     id: ConnectionId,
     local_addr: Address,
+    /// The TLS handshake's outcome and the PROXY header, if the server has them.
+    transport: Option<Arc<TransportInfo>>,
     shared: Arc<Shared<M>>,
     connections: Arc<Connections<M>>,
 }
@@ -64,7 +68,7 @@ impl<M> fmt::Debug for Connection<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("id", &self.id)
-            .field("peer_addr", &self.shared.peer_addr)
+            .field("peer_addr", self.shared.peer())
             .field("local_addr", &self.local_addr)
             .finish_non_exhaustive()
     }
@@ -76,9 +80,45 @@ impl<M> Connection<M> {
         self.id
     }
 
-    /// The peer's address.
+    /// The peer's address: with the PROXY protocol
+    /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)), the client's
+    /// address from the header (the load balancer's for a `LOCAL` header or one that
+    /// gives none).
     pub fn peer_addr(&self) -> &Address {
-        &self.shared.peer_addr
+        self.shared.peer()
+    }
+
+    /// What the TLS handshake settled (SNI name, ALPN protocol), on a server with TLS
+    /// ([`Builder::tls`](crate::Builder::tls)).
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.transport.as_ref()?.tls.as_ref()
+    }
+
+    /// The connection's PROXY protocol header, on a server that takes one
+    /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)).
+    pub fn proxy_header(&self) -> Option<&ProxyHeader> {
+        self.transport.as_ref()?.proxy.as_ref()
+    }
+
+    /// The TLS handshake's outcome and the PROXY header, for the protocol driver.
+    pub(crate) fn transport(&self) -> Option<&Arc<TransportInfo>> {
+        self.transport.as_ref()
+    }
+
+    /// Takes the peer's address from its PROXY header (unless the header gives none),
+    /// for the connection's listing and its span.
+    pub(crate) fn set_peer_from(&self, header: &ProxyHeader) {
+        let peer = match header.source() {
+            Address::None => self.shared.peer_addr.clone(),
+            source => source.clone(),
+        };
+        tracing::Span::current().record("peer", tracing::field::display(&peer));
+        let _ = self.shared.proxied_peer.set(peer);
+    }
+
+    /// Records what the connection's transport settled, before it is served.
+    pub(crate) fn set_transport(&mut self, transport: TransportInfo) {
+        self.transport = Some(Arc::new(transport));
     }
 
     /// The local address the peer connected to.
@@ -268,7 +308,10 @@ struct Shared<M> {
     reason: Mutex<Option<CloseReason>>,
     /// Messages not yet taken by the connection's task; no allocation while empty.
     mailbox: Mutex<VecDeque<M>>,
+    /// The socket's peer.
     peer_addr: Address,
+    /// The client's address from the PROXY header, once read.
+    proxied_peer: OnceLock<Address>,
     since: SystemTime,
     /// The protocol's state name, for listings.
     state: Mutex<&'static str>,
@@ -290,11 +333,16 @@ impl<M> Shared<M> {
         true
     }
 
+    /// The peer's address: the client's from the PROXY header, once read.
+    fn peer(&self) -> &Address {
+        self.proxied_peer.get().unwrap_or(&self.peer_addr)
+    }
+
     fn info(&self, id: ConnectionId) -> ConnectionInfo {
         let bytes = self.bytes.get();
         ConnectionInfo {
             id,
-            peer_addr: self.peer_addr.clone(),
+            peer_addr: self.peer().clone(),
             state: *lock(&self.state),
             since: self.since,
             bytes_in: bytes.read,
@@ -672,12 +720,14 @@ impl<M> Connections<M> {
 
     /// Runs `serve` on a new connection in a task of its own, inside a span that
     /// carries the connection id, peer address, state and close reason; returns the
-    /// connection's id.
+    /// connection's id. With `proxied`, the connection starts with a PROXY header that
+    /// will give the peer's address: until then, the span names `peer_addr` as `proxy`.
     pub(crate) fn spawn<F, S>(
         self: &Arc<Self>,
         mut reservation: Reservation<'_, M>,
         peer_addr: Address,
         local_addr: Address,
+        proxied: bool,
         serve: F,
     ) -> ConnectionId
     where
@@ -692,6 +742,7 @@ impl<M> Connections<M> {
             reason: Mutex::new(None),
             mailbox: Mutex::new(VecDeque::new()),
             peer_addr: peer_addr.clone(),
+            proxied_peer: OnceLock::new(),
             since: SystemTime::now(),
             state: Mutex::new(""),
         });
@@ -716,16 +767,28 @@ impl<M> Connections<M> {
         let connection = Connection {
             id,
             local_addr,
+            transport: None,
             shared,
             connections: Arc::clone(self),
         };
-        let span = info_span!(
-            "conn",
-            id = id.0,
-            peer = %peer_addr,
-            state = tracing::field::Empty,
-            reason = tracing::field::Empty,
-        );
+        let span = if proxied {
+            info_span!(
+                "conn",
+                id = id.0,
+                proxy = %peer_addr,
+                peer = tracing::field::Empty,
+                state = tracing::field::Empty,
+                reason = tracing::field::Empty,
+            )
+        } else {
+            info_span!(
+                "conn",
+                id = id.0,
+                peer = %peer_addr,
+                state = tracing::field::Empty,
+                reason = tracing::field::Empty,
+            )
+        };
         span.in_scope(|| debug!("connection accepted"));
         // The handler is called in the task, so that a panic while making its future is
         // caught like one while polling it.

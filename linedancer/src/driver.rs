@@ -186,6 +186,7 @@ where
             id: conn.id(),
             peer_addr: conn.peer_addr().clone(),
             local_addr: conn.local_addr().clone(),
+            transport: conn.transport().cloned(),
         };
         let session = Session::<P, S>::connect(codec, peer, state, limits.max_output, None);
         let state = session.state_name();

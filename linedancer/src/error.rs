@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Why a server could not start, or could not do what it was asked. The message names
 /// the value at fault.
@@ -43,5 +44,14 @@ pub enum Error {
         value: String,
         /// Why it is refused.
         reason: &'static str,
+    },
+    /// A TLS certificate or key file cannot be used: unreadable, not PEM, no
+    /// certificate or key in it, or a key that does not match its certificate.
+    #[error("cannot use {path}: {reason}", path = path.display())]
+    Certificate {
+        /// The file at fault.
+        path: PathBuf,
+        /// Why.
+        reason: String,
     },
 }

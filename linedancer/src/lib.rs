@@ -160,19 +160,29 @@ mod stats;
 pub mod testing;
 mod transport;
 
-pub use close::CloseReason;
+pub use close::{CloseReason, ProxyError, TlsFailure};
 pub use connections::{Connection, ConnectionId, ConnectionInfo, Limits, SendError};
 pub use driver::Driver;
 pub use error::Error;
 pub use handler::{Handler, Service};
 pub use protocol::{Ctx, Frame, Next, Protocol};
+/// The `rustls` crate, whose [`ServerConfig`](rustls::ServerConfig)
+/// [`TlsConfig::server_config`] takes.
+pub use rustls;
 pub use server::{
     Builder, Server, ServerHandle, ShutdownReport, Threading, DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_FRAME_TIMEOUT, DEFAULT_MAILBOX_CAPACITY,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
     DEFAULT_TCP_KEEPALIVE,
 };
-pub use stats::{ClosedCounts, Stats};
+pub use stats::{ClosedCounts, Stats, TlsFailureCounts};
+pub use transport::proxy::{
+    ProxyHeader, ProxyProtocol, ProxySsl, DEFAULT_PROXY_HEADER_TIMEOUT, MAX_V1_HEADER,
+    MAX_V2_HEADER,
+};
+pub use transport::tls::{
+    TlsConfig, TlsInfo, DEFAULT_MAX_HANDSHAKES, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+};
 pub use transport::{Address, Stream};
 
 /// The README's examples, compiled and run as doctests.

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol as IpProtocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
-use crate::connections::Connections;
+use crate::close::CloseReason;
+use crate::connections::{Connection, Connections};
 use crate::handler::Service;
-use crate::transport::Address;
+use crate::transport::{Address, Front, TransportInfo};
 
 /// How long the acceptor pauses after an error that says the process or the system is
 /// out of a resource (file descriptors, buffers, memory), before it tries again.
@@ -160,6 +161,7 @@ pub(crate) async fn accept_loop<H: Service>(
     listener: TcpListener,
     connections: Arc<Connections<H::Message>>,
     service: Arc<H>,
+    front: Option<Arc<Front>>,
     gate: Arc<Gate>,
 ) {
     let local_addr = match listener.local_addr() {
@@ -210,12 +212,35 @@ pub(crate) async fn accept_loop<H: Service>(
                         debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
                     }
                     let service = Arc::clone(&service);
-                    connections.spawn(
-                        reservation,
-                        Address::Ip(peer_addr),
-                        local_addr.clone(),
-                        move |conn| async move { service.serve(stream, conn).await },
-                    );
+                    let (peer, local) = (Address::Ip(peer_addr), local_addr.clone());
+                    let Some(front) = &front else {
+                        connections.spawn(
+                            reservation,
+                            peer,
+                            local,
+                            false,
+                            move |conn| async move { service.serve(stream, conn).await },
+                        );
+                        continue;
+                    };
+                    // At the cap on openings in progress, this connection waits for a
+                    // permit and no other is accepted meanwhile.
+                    let handshakes = Arc::clone(&front.handshakes);
+                    let permit = match handshakes.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => tokio::select! {
+                            biased;
+                            () = gate.stopped() => return,
+                            permit = handshakes.acquire_owned() => {
+                                permit.expect("the handshake semaphore is never closed")
+                            }
+                        },
+                    };
+                    let front = Arc::clone(front);
+                    let proxied = front.proxy.is_some();
+                    connections.spawn(reservation, peer, local, proxied, move |conn| async move {
+                        open_and_serve(&front, stream, peer_addr, conn, permit, &*service).await
+                    });
                 }
                 Err(e) => {
                     connections.accept_error();
@@ -229,6 +254,59 @@ pub(crate) async fn accept_loop<H: Service>(
             }
         }
     }
+}
+
+/// Opens a connection (its PROXY header, then its TLS handshake, as the server has
+/// them), then serves it. A connection that fails to open is closed with the reason,
+/// and its protocol never sees it; so is one still opening when the server drains.
+async fn open_and_serve<H: Service>(
+    front: &Front,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut conn: Connection<H::Message>,
+    permit: OwnedSemaphorePermit,
+    service: &H,
+) -> io::Result<()> {
+    let mut transport = TransportInfo::default();
+    if let Some(proxy) = &front.proxy {
+        let header = tokio::select! {
+            biased;
+            () = conn.shutdown_requested() => Err(CloseReason::Shutdown),
+            header = proxy.read(&mut stream, peer) => header,
+        };
+        match header {
+            Ok(header) => {
+                conn.set_peer_from(&header);
+                transport.proxy = Some(header);
+            }
+            Err(reason) => return not_opened(&conn, reason),
+        }
+    }
+    let Some(tls) = &front.tls else {
+        drop(permit);
+        conn.set_transport(transport);
+        return service.serve(stream, conn).await;
+    };
+    let handshake = tokio::select! {
+        biased;
+        () = conn.shutdown_requested() => Err(CloseReason::Shutdown),
+        handshake = tls.handshake(stream) => handshake,
+    };
+    match handshake {
+        Ok((stream, info)) => {
+            drop(permit);
+            transport.tls = Some(info);
+            conn.set_transport(transport);
+            service.serve(stream, conn).await
+        }
+        Err(reason) => not_opened(&conn, reason),
+    }
+}
+
+/// Ends a connection that failed to open, for `reason`.
+fn not_opened<M>(conn: &Connection<M>, reason: CloseReason) -> io::Result<()> {
+    conn.record_close(reason);
+    Ok(())
 }
 
 thread_local! {

@@ -24,7 +24,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::close::CloseReason;
 use crate::connections::ConnectionId;
-use crate::transport::Address;
+use crate::transport::proxy::ProxyHeader;
+use crate::transport::tls::TlsInfo;
+use crate::transport::{Address, TransportInfo};
 
 /// A connection's protocol: a state machine fed with decoded frames.
 ///
@@ -188,6 +190,8 @@ pub(crate) struct Peer {
     pub(crate) id: ConnectionId,
     pub(crate) peer_addr: Address,
     pub(crate) local_addr: Address,
+    /// The TLS handshake's outcome and the PROXY header, if the server has them.
+    pub(crate) transport: Option<Arc<TransportInfo>>,
 }
 
 /// What a callback can do: queue replies, close, arm a timeout, message other
@@ -324,6 +328,19 @@ impl<P: Protocol<S>, S> Ctx<'_, P, S> {
     /// The local address the peer connected to.
     pub fn local_addr(&self) -> &Address {
         &self.peer.local_addr
+    }
+
+    /// What the TLS handshake settled (the SNI name the client asked for, the ALPN
+    /// protocol agreed on), on a server with TLS ([`Builder::tls`](crate::Builder::tls)).
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.peer.transport.as_ref()?.tls.as_ref()
+    }
+
+    /// The connection's PROXY protocol header (v2 TLVs included), on a server that
+    /// takes one ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)); the
+    /// client's address from it is already [`peer_addr`](Ctx::peer_addr).
+    pub fn proxy_header(&self) -> Option<&ProxyHeader> {
+        self.peer.transport.as_ref()?.proxy.as_ref()
     }
 
     /// The application state shared by every connection of the server, as given to

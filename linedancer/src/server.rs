@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::connections::{
     ConnectionId, ConnectionInfo, Connections, Limits, Reservation, SendError,
@@ -19,7 +20,9 @@ use crate::handler::{Handler, Service};
 use crate::listener::{self, Gate};
 use crate::protocol::Protocol;
 use crate::stats::Stats;
-use crate::transport::{Address, Stream};
+use crate::transport::proxy::{ProxyProtocol, DEFAULT_PROXY_HEADER_TIMEOUT};
+use crate::transport::tls::{TlsConfig, DEFAULT_MAX_HANDSHAKES, DEFAULT_TLS_HANDSHAKE_TIMEOUT};
+use crate::transport::{Address, Front, ProxySettings, Stream, TlsSettings};
 
 /// The default port, the original's.
 pub const DEFAULT_PORT: u16 = 7000;
@@ -90,6 +93,9 @@ impl Server {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 threading: Threading::Shared,
+                tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+                max_handshakes: DEFAULT_MAX_HANDSHAKES,
+                proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
                 limits: Limits {
                     idle_timeout: None,
                     frame_timeout: DEFAULT_FRAME_TIMEOUT,
@@ -102,6 +108,7 @@ impl Server {
                 ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 port: DEFAULT_PORT,
             },
+            transport: TransportConfig::default(),
             handler: (),
             state: Arc::new(()),
         }
@@ -132,6 +139,7 @@ impl Server {
 pub struct Builder<H, S = ()> {
     settings: Settings,
     listen: Listen,
+    transport: TransportConfig,
     handler: H,
     /// The application state, handed to the protocol chosen next.
     state: Arc<S>,
@@ -148,6 +156,42 @@ enum Listen {
     Listener(std::net::TcpListener),
 }
 
+/// TLS and the PROXY protocol, as the builder was told.
+#[derive(Debug, Default)]
+struct TransportConfig {
+    tls: Option<TlsConfig>,
+    proxy: Option<ProxyProtocol>,
+}
+
+impl TransportConfig {
+    /// What the listeners put in front of every connection; `None` without TLS or the
+    /// PROXY protocol. Loads the certificates: bad files fail here, before binding.
+    fn front(self, settings: &Settings) -> Result<Option<Arc<Front>>, Error> {
+        if self.tls.is_none() && self.proxy.is_none() {
+            return Ok(None);
+        }
+        let proxy = match self.proxy {
+            Some(proxy) => Some(ProxySettings {
+                trusted: proxy.networks()?,
+                timeout: settings.proxy_header_timeout,
+            }),
+            None => None,
+        };
+        let tls = match self.tls {
+            Some(tls) => Some(TlsSettings {
+                tls: tls.load()?,
+                timeout: settings.tls_handshake_timeout,
+            }),
+            None => None,
+        };
+        Ok(Some(Arc::new(Front {
+            proxy,
+            tls,
+            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
+        })))
+    }
+}
+
 /// The builder's settings, apart from where it listens and what serves.
 #[derive(Debug, Clone, Copy)]
 struct Settings {
@@ -156,6 +200,9 @@ struct Settings {
     max_connections: usize,
     drain_timeout: Duration,
     threading: Threading,
+    tls_handshake_timeout: Duration,
+    max_handshakes: usize,
+    proxy_header_timeout: Duration,
     limits: Limits,
 }
 
@@ -193,6 +240,23 @@ impl Settings {
                 "tcp_keepalive",
                 "0s".into(),
                 "must be above zero, or off",
+            ));
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return Err(refuse(
+                "tls_handshake_timeout",
+                "0s".into(),
+                "must be above zero",
+            ));
+        }
+        if self.max_handshakes == 0 {
+            return Err(refuse("max_handshakes", "0".into(), "must be at least 1"));
+        }
+        if self.proxy_header_timeout.is_zero() {
+            return Err(refuse(
+                "proxy_header_timeout",
+                "0s".into(),
+                "must be above zero",
             ));
         }
         if self.threading == Threading::PerCore(0) {
@@ -274,6 +338,7 @@ impl<H, S> Builder<H, S> {
         Builder {
             settings: self.settings,
             listen: self.listen,
+            transport: self.transport,
             handler: self.handler,
             state,
         }
@@ -361,6 +426,62 @@ impl<H, S> Builder<H, S> {
         self
     }
 
+    /// Speaks TLS on every accepted connection: the handshake is done before the
+    /// protocol or handler sees the connection, which then reads and writes plain
+    /// bytes; [`Ctx::tls`](crate::Ctx::tls) tells what the handshake settled. A failed
+    /// handshake closes the connection
+    /// ([`CloseReason::TlsHandshake`](crate::CloseReason::TlsHandshake)), is logged at
+    /// debug and counted by reason ([`Stats::tls_handshake_failures`]). Certificate
+    /// files are read at [`start`](Builder::start), which fails naming a file that
+    /// cannot be used ([`Error::Certificate`]). Streams handed to
+    /// [`ServerHandle::serve`] are served as they are.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.transport.tls = Some(tls);
+        self
+    }
+
+    /// How long a TLS handshake may take before its connection is closed
+    /// ([`TlsFailure::Timeout`](crate::TlsFailure::Timeout)). Default
+    /// [`DEFAULT_TLS_HANDSHAKE_TIMEOUT`]; must be above zero.
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.tls_handshake_timeout = timeout;
+        self
+    }
+
+    /// The most connections opening at once (reading their PROXY header, doing their
+    /// TLS handshake). At the cap, the connection each listening socket has just
+    /// accepted waits for one to finish, and new peers wait in the backlog: a flood of
+    /// clients that never finish their handshake holds up new connections, not the
+    /// ones already served. Default [`DEFAULT_MAX_HANDSHAKES`]; must be at least 1.
+    pub fn max_handshakes(mut self, max: usize) -> Self {
+        self.settings.max_handshakes = max;
+        self
+    }
+
+    /// Takes the PROXY protocol (v1 or v2, told apart by their signatures): every
+    /// accepted connection must start with a header, whose client address becomes the
+    /// connection's peer ([`Ctx::peer_addr`](crate::Ctx::peer_addr), its log span, the
+    /// connection list); the header itself is [`Ctx::proxy_header`](crate::Ctx::proxy_header).
+    /// Bytes after the header, even in the same packet, are the protocol's. A
+    /// connection without a valid header within the
+    /// [`proxy_header_timeout`](Builder::proxy_header_timeout), or from a peer not
+    /// [trusted](ProxyProtocol::trust), is closed
+    /// ([`CloseReason::ProxyHeader`](crate::CloseReason::ProxyHeader)). With TLS too,
+    /// the header comes first and the TLS handshake after it, as HAProxy's
+    /// `send-proxy-v2` does.
+    pub fn proxy_protocol(mut self, proxy: ProxyProtocol) -> Self {
+        self.transport.proxy = Some(proxy);
+        self
+    }
+
+    /// How long a PROXY header may take to arrive in full before its connection is
+    /// closed ([`ProxyError::Timeout`](crate::ProxyError::Timeout)). Default
+    /// [`DEFAULT_PROXY_HEADER_TIMEOUT`]; must be above zero.
+    pub fn proxy_header_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.proxy_header_timeout = timeout;
+        self
+    }
+
     /// Which threads serve the connections. Default [`Threading::Shared`]; with
     /// [`Threading::PerCore`], `n` must be at least 1.
     pub fn threading(mut self, threading: Threading) -> Self {
@@ -388,6 +509,7 @@ impl<H, S> Builder<H, S> {
         Builder {
             settings: self.settings,
             listen: self.listen,
+            transport: self.transport,
             handler: Driver::new(codec, self.state),
             state: Arc::new(()),
         }
@@ -399,6 +521,7 @@ impl<H, S> Builder<H, S> {
         Builder {
             settings: self.settings,
             listen: self.listen,
+            transport: self.transport,
             handler,
             state: Arc::new(()),
         }
@@ -411,13 +534,15 @@ impl<H: Service> Builder<H> {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for a setting out of range, [`Error::Address`] for an
+    /// [`Error::Config`] for a setting out of range, [`Error::Certificate`] for a TLS
+    /// file that cannot be used, [`Error::Address`] for an
     /// [`address`](Builder::address) that is not `host:port` or does not resolve,
     /// [`Error::Bind`] when the address cannot be listened on (in use, not local,
     /// privileged port).
     pub async fn start(self) -> Result<ServerHandle<H::Message>, Error> {
         let settings = self.settings;
         settings.check()?;
+        let front = self.transport.front(&settings)?;
         let connections = Connections::new(settings.max_connections, settings.limits);
         let service = Arc::new(self.handler);
         let gate = Arc::new(Gate::default());
@@ -438,6 +563,7 @@ impl<H: Service> Builder<H> {
                     tcp,
                     Arc::clone(&connections),
                     Arc::clone(&service),
+                    front.clone(),
                     Arc::clone(&gate),
                 ));
                 local_addr
@@ -445,7 +571,8 @@ impl<H: Service> Builder<H> {
             Threading::PerCore(threads) => {
                 let sockets = sockets.open(threads, &settings)?;
                 let started =
-                    start_per_core(sockets, &connections, &service, &gate, &acceptors).await;
+                    start_per_core(sockets, &connections, &service, &front, &gate, &acceptors)
+                        .await;
                 if started.is_err() {
                     // Threads already running see this and end.
                     gate.stop();
@@ -458,9 +585,13 @@ impl<H: Service> Builder<H> {
             let connections = Arc::clone(&connections);
             Box::new(move |reservation, stream, peer| {
                 let service = Arc::clone(&service);
-                connections.spawn(reservation, peer, Address::None, move |conn| async move {
-                    service.serve(stream, conn).await
-                })
+                connections.spawn(
+                    reservation,
+                    peer,
+                    Address::None,
+                    false,
+                    move |conn| async move { service.serve(stream, conn).await },
+                )
             })
         };
         Ok(ServerHandle {
@@ -470,6 +601,7 @@ impl<H: Service> Builder<H> {
                 gate,
                 acceptors,
                 drain_timeout: settings.drain_timeout,
+                front,
                 open_at_shutdown: OnceLock::new(),
                 spawn,
             }),
@@ -555,6 +687,7 @@ async fn start_per_core<H: Service>(
     sockets: Vec<(std::net::TcpListener, SocketAddr)>,
     connections: &Arc<Connections<H::Message>>,
     handler: &Arc<H>,
+    front: &Option<Arc<Front>>,
     gate: &Arc<Gate>,
     acceptors: &TaskTracker,
 ) -> Result<SocketAddr, Error> {
@@ -563,7 +696,7 @@ async fn start_per_core<H: Service>(
     for (index, (socket, _)) in sockets.into_iter().enumerate() {
         let (ready, started) = tokio::sync::oneshot::channel();
         let (connections, handler) = (Arc::clone(connections), Arc::clone(handler));
-        let (gate, acceptors) = (Arc::clone(gate), acceptors.clone());
+        let (gate, acceptors, front) = (Arc::clone(gate), acceptors.clone(), front.clone());
         let thread = move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -584,6 +717,7 @@ async fn start_per_core<H: Service>(
                     tcp,
                     Arc::clone(&connections),
                     handler,
+                    front,
                     Arc::clone(&gate),
                 ));
                 let _ = ready.send(Ok(()));
@@ -648,6 +782,8 @@ struct Inner<M> {
     /// connections are drained.
     acceptors: TaskTracker,
     drain_timeout: Duration,
+    /// TLS and the PROXY protocol, if the server has them.
+    front: Option<Arc<Front>>,
     /// The connections open when the first shutdown call closed the listeners: every
     /// later call reports against them.
     open_at_shutdown: OnceLock<usize>,
@@ -773,6 +909,28 @@ impl<M: Send + 'static> ServerHandle<M> {
         Ok((inner.spawn)(reservation, Box::new(stream), peer))
     }
 
+    /// Reads the TLS certificate and key files again
+    /// ([`TlsConfig::pem_files`]), and serves the new certificates to every handshake
+    /// from now on; established connections are not touched. If any file cannot be
+    /// used, the server keeps the certificates it has. Under
+    /// [`run_until_signal`](ServerHandle::run_until_signal), SIGHUP does this.
+    /// Returns how many certificates are now served: 0 on a server without TLS or
+    /// with a [`TlsConfig::server_config`], which has nothing to reload.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Certificate`], naming the file and why; nothing has changed.
+    pub fn reload_tls(&self) -> Result<usize, Error> {
+        let tls = self
+            .inner
+            .front
+            .as_ref()
+            .and_then(|front| front.tls.as_ref());
+        let Some(tls) = tls else { return Ok(0) };
+        let count = tls.tls.reload()?.unwrap_or(0);
+        Ok(count)
+    }
+
     /// The members of `group`, in id order.
     pub fn group_members(&self, group: &str) -> Vec<ConnectionId> {
         self.inner.connections.members(group)
@@ -880,6 +1038,8 @@ impl<M: Send + 'static> ServerHandle<M> {
     /// Serves until the process gets SIGTERM or SIGINT (Ctrl-C), then shuts down
     /// gracefully with the drain timeout; a second signal during the drain closes every
     /// connection at once. The returned future resolves to the shutdown's report.
+    /// Meanwhile SIGHUP reloads the TLS certificates
+    /// ([`reload_tls`](ServerHandle::reload_tls)), and logs the outcome.
     ///
     /// The signal handlers are installed by this call, before its future is first
     /// polled, so no signal is missed from here on: a program can say that it is ready
@@ -907,13 +1067,19 @@ impl<M: Send + 'static> ServerHandle<M> {
         let mut signals = Signals::new().map_err(Error::Signals)?;
         let server = self.clone();
         Ok(async move {
-            signals.next().await;
+            while signals.next().await == Got::Hangup {
+                match server.reload_tls() {
+                    Ok(0) => info!("SIGHUP: no TLS certificate files to reload"),
+                    Ok(count) => info!(certificates = count, "SIGHUP: TLS certificates reloaded"),
+                    Err(e) => warn!("SIGHUP: {e}; keeping the certificates in use"),
+                }
+            }
             info!(
                 "signal received, shutting down; a second signal closes every connection at once"
             );
             tokio::select! {
                 report = server.shutdown() => report,
-                () = signals.next() => {
+                _ = signals.stop() => {
                     info!("second signal: closing every connection now");
                     // Reports for the whole shutdown, the cut-short drain included.
                     server.shutdown_with_timeout(Duration::ZERO).await
@@ -923,10 +1089,20 @@ impl<M: Send + 'static> ServerHandle<M> {
     }
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM.
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+/// Which kind of signal came.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Hangup,
 }
 
 impl Signals {
@@ -934,11 +1110,21 @@ impl Signals {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Waits for the next signal of either kind.
-    async fn next(&mut self) {
+    /// Waits for the next signal.
+    async fn next(&mut self) -> Got {
+        tokio::select! {
+            _ = self.interrupt.recv() => Got::Stop,
+            _ = self.terminate.recv() => Got::Stop,
+            _ = self.hangup.recv() => Got::Hangup,
+        }
+    }
+
+    /// Waits for the next SIGINT or SIGTERM.
+    async fn stop(&mut self) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::close::CloseReason;
+use crate::close::{CloseReason, TlsFailure};
 
 /// A snapshot of a server's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,7 +29,35 @@ pub struct Stats {
     pub bytes_out: u64,
     /// Connections closed, by reason.
     pub closed: ClosedCounts,
+    /// Failed TLS handshakes (all of them also in
+    /// [`closed.tls_handshake`](ClosedCounts::tls_handshake)), by why they failed.
+    pub tls_handshake_failures: TlsFailureCounts,
 }
+
+/// Failed TLS handshakes by [`TlsFailure`]: each kind's count, in the order of
+/// [`TlsFailure`]'s variants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsFailureCounts([u64; TLS_FAILURES]);
+
+impl TlsFailureCounts {
+    /// How many handshakes failed this way.
+    pub fn get(&self, failure: TlsFailure) -> u64 {
+        self.0[failure as usize]
+    }
+
+    /// Every failed handshake.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Each kind's name (such as `timeout`) and count.
+    pub fn by_reason(&self) -> [(&'static str, u64); TLS_FAILURES] {
+        TlsFailure::ALL.map(|failure| (failure.name(), self.get(failure)))
+    }
+}
+
+/// The number of kinds of TLS handshake failure.
+const TLS_FAILURES: usize = TlsFailure::ALL.len();
 
 /// Closed connections by [`CloseReason`]; see there for what each means.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,6 +91,10 @@ pub struct ClosedCounts {
     pub shutdown: u64,
     /// [`CloseReason::Io`].
     pub io: u64,
+    /// [`CloseReason::TlsHandshake`].
+    pub tls_handshake: u64,
+    /// [`CloseReason::ProxyHeader`].
+    pub proxy_header: u64,
 }
 
 impl ClosedCounts {
@@ -88,11 +120,13 @@ impl ClosedCounts {
             ("panic", self.panic),
             ("server shutdown", self.shutdown),
             ("i/o error", self.io),
+            ("tls handshake failed", self.tls_handshake),
+            ("proxy header", self.proxy_header),
         ]
     }
 
     fn from_array(counts: [u64; REASONS]) -> Self {
-        let [peer_closed, peer_reset, closed, idle_timeout, frame_timeout, state_timeout, send_timeout, output_overflow, mailbox_overflow, bad_frame, bad_reply, panic, shutdown, io] =
+        let [peer_closed, peer_reset, closed, idle_timeout, frame_timeout, state_timeout, send_timeout, output_overflow, mailbox_overflow, bad_frame, bad_reply, panic, shutdown, io, tls_handshake, proxy_header] =
             counts;
         ClosedCounts {
             peer_closed,
@@ -109,6 +143,8 @@ impl ClosedCounts {
             panic,
             shutdown,
             io,
+            tls_handshake,
+            proxy_header,
         }
     }
 }
@@ -131,7 +167,7 @@ impl fmt::Display for ClosedCounts {
 }
 
 /// The number of close reasons counted apart.
-const REASONS: usize = 14;
+const REASONS: usize = 16;
 
 /// Where a close reason is counted, in the order of [`ClosedCounts::by_reason`].
 fn slot(reason: &CloseReason) -> usize {
@@ -150,6 +186,8 @@ fn slot(reason: &CloseReason) -> usize {
         CloseReason::Panic(_) => 11,
         CloseReason::Shutdown => 12,
         CloseReason::Io(_) => 13,
+        CloseReason::TlsHandshake(_) => 14,
+        CloseReason::ProxyHeader(_) => 15,
     }
 }
 
@@ -162,6 +200,7 @@ pub(crate) struct Counters {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     closed: [AtomicU64; REASONS],
+    tls_failures: [AtomicU64; TLS_FAILURES],
 }
 
 impl Counters {
@@ -172,6 +211,9 @@ impl Counters {
     /// Counts a connection that closed for `reason` after moving the given bytes.
     pub(crate) fn closed(&self, reason: &CloseReason, bytes: Bytes) {
         self.closed[slot(reason)].fetch_add(1, Ordering::Relaxed);
+        if let CloseReason::TlsHandshake(failure) = reason {
+            self.tls_failures[*failure as usize].fetch_add(1, Ordering::Relaxed);
+        }
         if bytes.read > 0 {
             self.bytes_in.fetch_add(bytes.read, Ordering::Relaxed);
         }
@@ -198,6 +240,11 @@ impl Counters {
             bytes_out: self.bytes_out.load(Ordering::Relaxed) + live.written,
             closed: ClosedCounts::from_array(
                 self.closed
+                    .each_ref()
+                    .map(|count| count.load(Ordering::Relaxed)),
+            ),
+            tls_handshake_failures: TlsFailureCounts(
+                (self.tls_failures)
                     .each_ref()
                     .map(|count| count.load(Ordering::Relaxed)),
             ),
@@ -262,6 +309,8 @@ mod tests {
             CloseReason::Panic(String::new()),
             CloseReason::Shutdown,
             CloseReason::Io(String::new()),
+            CloseReason::TlsHandshake(TlsFailure::Timeout),
+            CloseReason::ProxyHeader(crate::close::ProxyError::Timeout),
         ];
         let counters = Counters::default();
         for (i, reason) in reasons.iter().enumerate() {
@@ -269,7 +318,10 @@ mod tests {
                 counters.closed(reason, Bytes::default());
             }
         }
-        let closed = counters.snapshot(0, 0, 0, Bytes::default()).closed;
+        let stats = counters.snapshot(0, 0, 0, Bytes::default());
+        assert_eq!(stats.tls_handshake_failures.get(TlsFailure::Timeout), 15);
+        assert_eq!(stats.tls_handshake_failures.total(), 15);
+        let closed = stats.closed;
         let expected: Vec<u64> = (1..=REASONS as u64).collect();
         let counted: Vec<u64> = closed.by_reason().iter().map(|(_, n)| *n).collect();
         assert_eq!(counted, expected);

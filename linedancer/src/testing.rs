@@ -127,6 +127,7 @@ impl<P: Protocol<S>, S> Harness<P, S> {
             id,
             peer_addr: Address::Ip(PEER_ADDR),
             local_addr: Address::Ip(LOCAL_ADDR),
+            transport: None,
         };
         let start = Instant::now();
         let mut harness = Harness {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod pki;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,7 +30,11 @@ pub struct LineClient {
 
 impl LineClient {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::from_stream(TcpStream::connect(addr).await.expect("connect"))
+    }
+
+    /// A line client on a stream already connected.
+    pub fn from_stream(stream: TcpStream) -> Self {
         stream.set_nodelay(true).expect("nodelay");
         let (reader, writer) = stream.into_split();
         LineClient {
