@@ -14,6 +14,13 @@ in time. Use an even number of rounds, so that each server goes first as often.
     python3 bench/compare.py --linedancer-args="--threading work-stealing"
     python3 bench/compare.py --a-a --scenarios echo-1,lines-50   # the machine's noise
 
+The TLS scenarios (`tls-echo-50`: 50 established TLS connections; `tls-churn-50`: 50
+workers that each connect, make a full TLS handshake, echo one message and close, again
+and again) race `serve echo --tls-cert --tls-key` against `baseline_tls_echo`, a
+hand-written tokio-rustls echo, with the same certificate (made for the run with
+`openssl req`) and the same client (`linedancer bench --tls-ca`, which never resumes a
+session).
+
 With `--a-a` the baseline runs on both sides: two identical servers, whose ratios show
 how far apart this machine measures the same thing from round to round.
 
@@ -30,11 +37,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINEDANCER = os.path.join(ROOT, "target", "release", "linedancer")
 BASELINE = os.path.join(ROOT, "target", "release", "examples", "baseline_echo")
+BASELINE_TLS = os.path.join(ROOT, "target", "release", "examples", "baseline_tls_echo")
 
 # name: (bench flags, linedancer protocol, baseline flags)
 SCENARIOS = {
@@ -45,7 +54,22 @@ SCENARIOS = {
     "churn-50": (["connect", "--conns", "50"], "echo", []),
     "lines-50": (["echo", "--conns", "50", "--lines"], "line-echo", ["--lines"]),
     "hold-10000": (["hold", "--conns", "10000"], "echo", []),
+    "tls-echo-50": (["echo", "--conns", "50"], "echo", []),
+    "tls-churn-50": (["connect", "--conns", "50"], "echo", []),
 }
+TLS = {"tls-echo-50", "tls-churn-50"}
+
+
+def make_certificate(directory):
+    """A self-signed certificate for localhost (EC P-256), as (cert, key) PEM paths."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost",
+                    "-addext", "basicConstraints=critical,CA:FALSE"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def pinned(cpu, command):
@@ -75,21 +99,26 @@ def stop_server(process):
         process.wait()
 
 
-def run_once(server, scenario, args):
+def run_once(server, scenario, args, certificate):
     """One run of `scenario` against `server` ("linedancer" or "baseline")."""
     bench_flags, protocol, baseline_flags = SCENARIOS[scenario]
     env = dict(os.environ, RUST_LOG="warn")
+    tls = scenario in TLS
+    tls_flags = ["--tls-cert", certificate[0], "--tls-key", certificate[1]] if tls else []
     if server == "linedancer" and not args.a_a:
-        command = [LINEDANCER, "serve", protocol, "--port", "0"]
+        command = [LINEDANCER, "serve", protocol, "--port", "0"] + tls_flags
         command += shlex.split(args.linedancer_args)
     else:
-        command = [BASELINE, "--port", "0"] + baseline_flags
+        command = [BASELINE_TLS if tls else BASELINE, "--port", "0"] + baseline_flags
+        command += tls_flags
     process, addr = start_server(command, env)
     try:
         duration = args.hold if bench_flags[0] == "hold" else args.duration
         bench = [LINEDANCER, "bench", *bench_flags, "--addr", addr, "--json",
                  "--pid", str(process.pid), "--duration", duration,
                  "--warmup", args.warmup]
+        if tls:
+            bench += ["--tls-ca", certificate[0]]
         out = subprocess.run(pinned(1, bench), capture_output=True, text=True,
                              env=env, timeout=600)
         if out.returncode != 0:
@@ -138,8 +167,10 @@ def main():
         sys.exit(f"error: unknown scenario '{unknown[0]}' (known: {', '.join(SCENARIOS)})")
 
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "linedancer-cli",
-                    "--bin", "linedancer", "--example", "baseline_echo"],
+                    "--bin", "linedancer", "--example", "baseline_echo",
+                    "--example", "baseline_tls_echo"],
                    cwd=ROOT, check=True)
+    certificate = make_certificate(tempfile.mkdtemp(prefix="linedancer-compare-"))
     runs = {s: {"linedancer": [], "baseline": []} for s in scenarios}
     labels = ({"linedancer": "baseline A", "baseline": "baseline B"} if args.a_a
               else {"linedancer": "linedancer", "baseline": "baseline"})
@@ -147,7 +178,7 @@ def main():
         order = ["linedancer", "baseline"] if round_ % 2 == 0 else ["baseline", "linedancer"]
         for scenario in scenarios:
             for server in order:
-                result = run_once(server, scenario, args)
+                result = run_once(server, scenario, args, certificate)
                 runs[scenario][server].append(result)
                 print(f"round {round_ + 1} {scenario:16} {labels[server]:10} "
                       f"{result['requests_per_sec']:>12,.0f} req/s  "

@@ -20,6 +20,7 @@ mod timed;
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +83,14 @@ pub struct BenchArgs {
     /// memory each connection of the run added to it, from /proc.
     #[arg(long, value_name = "PID")]
     pid: Option<u32>,
+    /// Speak TLS, trusting the certificates in this PEM file (a CA, or the server's
+    /// own self-signed one). Every connection makes a full handshake (no session
+    /// resumption); in connect mode it is part of each request.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the server name to ask for (SNI) and verify.
+    #[arg(long, default_value = "localhost", value_name = "NAME")]
+    tls_name: String,
     /// Print one JSON object on stdout instead of the report.
     ///
     /// Its fields, whose names are stable:
@@ -249,13 +258,20 @@ impl Config {
                 "must be longer than zero",
             ));
         }
+        let tls = match &args.tls_ca {
+            Some(ca) => Some(
+                net::tls_client(ca, &args.tls_name)
+                    .map_err(|reason| invalid("tls-ca", &ca.display(), &reason))?,
+            ),
+            None => None,
+        };
         let server = args
             .pid
             .map(|pid| Server::new(pid).map_err(|source| BenchError::Pid { pid, source }))
             .transpose()?;
         Ok(Config {
             mode: args.mode.or(args.mode_flag).unwrap_or(Mode::Echo),
-            target: Target::new(parse_addr(&args.addr)?),
+            target: Target::new(parse_addr(&args.addr)?, tls),
             conns: args.conns,
             size: args.size,
             pipeline: args.pipeline,

@@ -1,15 +1,24 @@
 //! What every mode does on the wire: connect from a spread of source addresses, and
 //! run a checked exchange, each within a timeout.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::client::Resumption;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 /// How long one connect or one exchange may take before it counts as a timeout.
@@ -67,19 +76,60 @@ pub async fn before<T>(
 }
 
 /// The server under load.
-#[derive(Debug)]
 pub struct Target {
     /// Its address.
     addr: SocketAddr,
     /// Whether it is on 127.0.0.0/8, so that connections can come from many sources.
     spread: bool,
+    /// With `--tls-ca`: the TLS client, and the name it asks for and verifies.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("spread", &self.spread)
+            .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .finish()
+    }
+}
+
+/// A TLS client that trusts the certificates in a PEM file, asks for `name`, and
+/// never resumes a session: every connection makes a full handshake.
+pub fn tls_client(ca: &Path, name: &str) -> Result<(TlsConnector, ServerName<'static>), String> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no CERTIFICATE in the file".into());
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+/// A connection to the server: TCP, or TLS over TCP.
+pub enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Target {
-    /// The server at `addr`.
-    pub fn new(addr: SocketAddr) -> Self {
+    /// The server at `addr`, spoken to over `tls` if given.
+    pub fn new(addr: SocketAddr, tls: Option<(TlsConnector, ServerName<'static>)>) -> Self {
         let spread = matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
-        Target { addr, spread }
+        Target { addr, spread, tls }
     }
 
     /// The server's address.
@@ -87,13 +137,26 @@ impl Target {
         self.addr
     }
 
-    /// Connects the `index`th connection, with TCP_NODELAY.
+    /// Connects the `index`th connection, with TCP_NODELAY, and does the TLS handshake
+    /// over it with `--tls-ca`.
+    pub async fn connect(&self, index: usize) -> Result<Conn, Failure> {
+        let tcp = self.connect_tcp(index).await?;
+        match &self.tls {
+            None => Ok(Conn::Tcp(tcp)),
+            Some((connector, name)) => {
+                let tls = connector.connect(name.clone(), tcp).await?;
+                Ok(Conn::Tls(Box::new(tls)))
+            }
+        }
+    }
+
+    /// Connects the `index`th connection's TCP socket, with TCP_NODELAY.
     ///
     /// When the server is on 127.0.0.0/8, the socket is first bound to
     /// 127.0.0.(1 + index % 16), port 0, so that many connections do not run out of
     /// ephemeral ports; the port is picked at connect time (IP_BIND_ADDRESS_NO_PORT),
     /// which lets ports in TIME_WAIT be reused towards the same server.
-    pub async fn connect(&self, index: usize) -> Result<TcpStream, Failure> {
+    async fn connect_tcp(&self, index: usize) -> Result<TcpStream, Failure> {
         let socket = Socket::new(
             Domain::for_address(self.addr),
             Type::STREAM,
@@ -185,9 +248,17 @@ impl Exchange {
     /// Sends the next batch and reads it back, checking every byte. The writing and the
     /// reading go on together, so that a batch larger than the socket buffers cannot
     /// deadlock.
-    pub async fn run(&mut self, stream: &mut TcpStream) -> Result<(), Failure> {
-        let (mut reader, mut writer) = stream.split();
-        self.run_on(&mut reader, &mut writer).await
+    pub async fn run(&mut self, stream: &mut Conn) -> Result<(), Failure> {
+        match stream {
+            Conn::Tcp(tcp) => {
+                let (mut reader, mut writer) = tcp.split();
+                self.run_on(&mut reader, &mut writer).await
+            }
+            Conn::Tls(tls) => {
+                let (mut reader, mut writer) = tokio::io::split(&mut **tls);
+                self.run_on(&mut reader, &mut writer).await
+            }
+        }
     }
 
     /// [`Exchange::run`] on any pair of halves.

@@ -397,7 +397,7 @@ mod tests {
     fn config(mode: Mode) -> Config {
         Config {
             mode,
-            target: Target::new(SocketAddr::from(([127, 0, 0, 1], 7000))),
+            target: Target::new(SocketAddr::from(([127, 0, 0, 1], 7000)), None),
             conns: 2,
             size: 100,
             pipeline: 1,

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
-use super::net::{before, Exchange, Failure};
+use super::net::{before, Conn, Exchange, Failure};
 use super::progress::Progress;
 use super::report::Measured;
 use super::tally::Tallies;
@@ -76,7 +75,7 @@ impl Worker {
     }
 
     /// Connects, or counts the error and backs off: `None` then, or when the run ends.
-    pub async fn connect(&self) -> Option<TcpStream> {
+    pub async fn connect(&self) -> Option<Conn> {
         match before(self.end, self.config.target.connect(self.index)).await? {
             Ok(stream) => {
                 let counts = self.counts(Instant::now());
@@ -97,7 +96,7 @@ impl Worker {
     pub async fn exchange(
         &self,
         start: Instant,
-        stream: &mut TcpStream,
+        stream: &mut Conn,
         exchange: &mut Exchange,
     ) -> bool {
         let result = before(self.end, exchange.run(stream)).await;

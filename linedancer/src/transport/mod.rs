@@ -102,7 +102,11 @@ impl TlsSettings {
                 let info = TlsInfo::of(stream.get_ref().1);
                 Ok((stream, info))
             }
-            Ok(Err(e)) => Err(CloseReason::TlsHandshake(tls::failure(&e))),
+            Ok(Err(e)) => {
+                let failure = tls::failure(&e);
+                tracing::debug!(%failure, "tls handshake failed: {e}");
+                Err(CloseReason::TlsHandshake(failure))
+            }
             Err(_) => Err(CloseReason::TlsHandshake(TlsFailure::Timeout)),
         }
     }

@@ -304,7 +304,10 @@ pub(crate) fn failure(error: &io::Error) -> TlsFailure {
                 | AlertDescription::CertificateExpired
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::UnknownCA
-                | AlertDescription::AccessDenied => TlsFailure::CertificateRejected,
+                | AlertDescription::AccessDenied
+                // What a client says when our certificate's signature, or our proof
+                // of its key, does not verify.
+                | AlertDescription::DecryptError => TlsFailure::CertificateRejected,
                 AlertDescription::HandshakeFailure
                 | AlertDescription::ProtocolVersion
                 | AlertDescription::InsufficientSecurity
