@@ -111,6 +111,18 @@
 //! stream or one end of [`tokio::io::duplex`] as one more connection of a running
 //! server, with the peer's [`Address`] (an IP address, `unix`, or none).
 //!
+//! # TLS and the PROXY protocol
+//!
+//! [`Builder::tls`] puts TLS (rustls) in front of every connection, with certificates
+//! from PEM files chosen by the client's SNI name ([`TlsConfig`]), reloaded by
+//! [`ServerHandle::reload_tls`] or SIGHUP; [`Builder::proxy_protocol`] makes every
+//! connection start with a PROXY header from a trusted load balancer
+//! ([`ProxyProtocol`]), whose client address becomes the peer's. The protocol reads
+//! plain bytes either way, and sees the handshake's outcome with [`Ctx::tls`] and the
+//! header with [`Ctx::proxy_header`]. Both have timeouts and a cap on connections
+//! opening at once; a connection that fails to open never reaches the protocol and is
+//! counted ([`CloseReason::TlsHandshake`], [`CloseReason::ProxyHeader`]).
+//!
 //! # Logging
 //!
 //! The library logs through [`tracing`], and emits nothing unless the program installs
@@ -137,7 +149,8 @@
 //! - [`Protocol`], [`Ctx`], [`Next`] and [`CloseReason`] are the state-machine API.
 //! - [`codec`] has the framings: raw bytes, bounded lines, length-prefixed frames.
 //! - [`Handler`] replaces the state-machine driver for users who want the raw stream;
-//!   [`Stream`] and [`Address`] are what a connection runs over.
+//!   [`Stream`] and [`Address`] are what a connection runs over; [`TlsConfig`] and
+//!   [`ProxyProtocol`] what comes in front of it.
 //! - [`testing`] drives a protocol with no socket and virtual time.
 //! - [`Stats`], [`ConnectionInfo`] and [`SendError`] come from a running server's
 //!   [`ServerHandle`]: counters, the live connections, messages to them.
