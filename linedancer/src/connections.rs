@@ -771,24 +771,17 @@ impl<M> Connections<M> {
             shared,
             connections: Arc::clone(self),
         };
-        let span = if proxied {
-            info_span!(
-                "conn",
-                id = id.0,
-                proxy = %peer_addr,
-                peer = tracing::field::Empty,
-                state = tracing::field::Empty,
-                reason = tracing::field::Empty,
-            )
-        } else {
-            info_span!(
-                "conn",
-                id = id.0,
-                peer = %peer_addr,
-                state = tracing::field::Empty,
-                reason = tracing::field::Empty,
-            )
-        };
+        let span = info_span!(
+            "conn",
+            id = id.0,
+            peer = tracing::field::Empty,
+            proxy = tracing::field::Empty,
+            state = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        // A proxied connection's peer is known once its header is read.
+        let field = if proxied { "proxy" } else { "peer" };
+        span.record(field, tracing::field::display(&peer_addr));
         span.in_scope(|| debug!("connection accepted"));
         // The handler is called in the task, so that a panic while making its future is
         // caught like one while polling it.

@@ -12,7 +12,9 @@ use common::bounded;
 use common::pki::{self, Pki};
 use linedancer::codec::Lines;
 use linedancer::examples::{Echo, Handshake};
-use linedancer::{Ctx, Error, Next, Protocol, Server, ServerHandle, TlsConfig, TlsFailure};
+use linedancer::{
+    Builder, Ctx, Error, Next, Protocol, Server, ServerHandle, TlsConfig, TlsFailure,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -52,6 +54,28 @@ async fn echo_server(tls: TlsConfig) -> ServerHandle {
         .expect("start")
 }
 
+/// A CA, and a certificate for localhost that it signed.
+fn localhost() -> (Pki, pki::ServerCert) {
+    let pki = Pki::new();
+    let cert = pki.server("localhost", &["localhost"], false);
+    (pki, cert)
+}
+
+/// The echo server over TLS with `cert`, with the settings `configure` adds.
+async fn echo_with(
+    cert: &pki::ServerCert,
+    configure: impl FnOnce(Builder<()>) -> Builder<()>,
+) -> ServerHandle {
+    let builder = Server::builder()
+        .port(0)
+        .tls(TlsConfig::pem_files(&cert.cert, &cert.key));
+    configure(builder)
+        .protocol::<Echo>()
+        .start()
+        .await
+        .expect("start")
+}
+
 /// Waits until every connection has closed, then returns the failed handshakes of
 /// `kind`.
 async fn failures(server: &ServerHandle, kind: TlsFailure) -> u64 {
@@ -62,9 +86,8 @@ async fn failures(server: &ServerHandle, kind: TlsFailure) -> u64 {
 #[tokio::test]
 async fn echo_over_tls_with_a_rustls_client() {
     bounded(async {
-        let pki = Pki::new();
-        let cert = pki.server("localhost", &["localhost"], false);
-        let server = echo_server(TlsConfig::pem_files(&cert.cert, &cert.key)).await;
+        let (pki, cert) = localhost();
+        let server = echo_with(&cert, |b| b).await;
         let mut client = pki::connect(pki.client(&[]), server.local_addr(), "localhost")
             .await
             .expect("handshake");
@@ -127,7 +150,7 @@ async fn a_client_that_rejects_the_certificate_fails_cleanly_and_is_counted() {
     bounded(async {
         let pki = Pki::new();
         let expired = pki.server("expired", &["localhost"], true);
-        let server = echo_server(TlsConfig::pem_files(&expired.cert, &expired.key)).await;
+        let server = echo_with(&expired, |b| b).await;
         let err = pki::connect(pki.client(&[]), server.local_addr(), "localhost")
             .await
             .expect_err("an expired certificate must be refused");
@@ -137,7 +160,7 @@ async fn a_client_that_rejects_the_certificate_fails_cleanly_and_is_counted() {
         server.shutdown().await;
 
         let valid = pki.server("valid", &["localhost"], false);
-        let server = echo_server(TlsConfig::pem_files(&valid.cert, &valid.key)).await;
+        let server = echo_with(&valid, |b| b).await;
         let err = pki::connect(pki::untrusting_client(), server.local_addr(), "localhost")
             .await
             .expect_err("an unknown CA must be refused");
@@ -151,9 +174,8 @@ async fn a_client_that_rejects_the_certificate_fails_cleanly_and_is_counted() {
 #[tokio::test]
 async fn plain_text_on_a_tls_port_is_a_bad_message() {
     bounded(async {
-        let pki = Pki::new();
-        let cert = pki.server("localhost", &["localhost"], false);
-        let server = echo_server(TlsConfig::pem_files(&cert.cert, &cert.key)).await;
+        let (_pki, cert) = localhost();
+        let server = echo_with(&cert, |b| b).await;
         let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -171,16 +193,11 @@ async fn plain_text_on_a_tls_port_is_a_bad_message() {
 #[tokio::test]
 async fn a_handshake_not_done_within_the_timeout_is_closed() {
     bounded(async {
-        let pki = Pki::new();
-        let cert = pki.server("localhost", &["localhost"], false);
-        let server = Server::builder()
-            .port(0)
-            .tls(TlsConfig::pem_files(&cert.cert, &cert.key))
-            .tls_handshake_timeout(Duration::from_millis(200))
-            .protocol::<Echo>()
-            .start()
-            .await
-            .unwrap();
+        let (_pki, cert) = localhost();
+        let server = echo_with(&cert, |b| {
+            b.tls_handshake_timeout(Duration::from_millis(200))
+        })
+        .await;
         // Connects, and never says hello.
         let mut silent = TcpStream::connect(server.local_addr()).await.unwrap();
         let mut buf = [0; 16];
@@ -198,16 +215,8 @@ async fn a_handshake_not_done_within_the_timeout_is_closed() {
 #[tokio::test]
 async fn at_the_handshake_cap_new_connections_wait_until_one_finishes() {
     bounded(async {
-        let pki = Pki::new();
-        let cert = pki.server("localhost", &["localhost"], false);
-        let server = Server::builder()
-            .port(0)
-            .tls(TlsConfig::pem_files(&cert.cert, &cert.key))
-            .max_handshakes(1)
-            .protocol::<Echo>()
-            .start()
-            .await
-            .unwrap();
+        let (pki, cert) = localhost();
+        let server = echo_with(&cert, |b| b.max_handshakes(1)).await;
         let addr = server.local_addr();
         // Holds the only handshake slot: connected, silent.
         let stalled = TcpStream::connect(addr).await.unwrap();
@@ -240,7 +249,7 @@ async fn reload_serves_new_certificates_keeps_connections_and_refuses_bad_files(
     bounded(async {
         let pki = Pki::new();
         let first = pki.server("site", &["localhost"], false);
-        let server = echo_server(TlsConfig::pem_files(&first.cert, &first.key)).await;
+        let server = echo_with(&first, |b| b).await;
         let addr = server.local_addr();
         let mut old = pki::connect(pki.client(&[]), addr, "localhost")
             .await
@@ -327,8 +336,7 @@ async fn bad_files_fail_the_start_naming_the_file() {
 #[tokio::test]
 async fn a_server_config_of_your_own_is_used_as_it_is() {
     bounded(async {
-        let pki = Pki::new();
-        let cert = pki.server("localhost", &["localhost"], false);
+        let (pki, cert) = localhost();
         let chain = vec![cert.der.clone()];
         let key = linedancer::rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.key);
         use linedancer::rustls::pki_types::pem::PemObject;
@@ -390,9 +398,8 @@ async fn s_client(port: u16, ca: &std::path::Path, input: &str, until: &str) -> 
 #[tokio::test]
 async fn echo_and_handshake_answer_openssl_s_client() {
     bounded(async {
-        let pki = Pki::new();
+        let (pki, cert) = localhost();
         let ca = pki.ca_file();
-        let cert = pki.server("localhost", &["localhost"], false);
         let tls = TlsConfig::pem_files(&cert.cert, &cert.key);
 
         let echo = echo_server(tls.clone()).await;
