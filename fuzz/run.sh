@@ -5,7 +5,6 @@
 #
 #   bash fuzz/run.sh [SECONDS]                    # from any directory
 #   FUZZ_SANITIZER=address bash fuzz/run.sh 600   # with AddressSanitizer
-#   PROXY_FUZZ_STRICT=1 bash fuzz/run.sh          # also the spec checks (known to fail)
 #
 # Works on stable Rust: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its nightly-only flags
 # (-Zsanitizer=..., -Cpasses=sancov-module). No sanitizer by default: the parser and

@@ -10,17 +10,13 @@
 //!   growing prefixes) relies on: a prefix of a header is `Ok(None)`, an error stays the
 //!   same error whatever follows, `Ok(None)` never comes at a length the reader cannot
 //!   grow past; a simulated reader fed the input in chunks ends as `parse` does.
-//!
-//! With `PROXY_FUZZ_STRICT=1` it also checks conformance to the PROXY protocol
-//! specification beyond what linedancer promises today (eager refusal of an impossible
-//! prefix, acceptance of every valid v1 line); those checks are known to fail, see
-//! `check_spec`.
+//! - conformance to the specification: an impossible prefix is refused at once, every
+//!   valid v1 line is accepted (`check_spec`).
 
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use linedancer::{Address, ProxyError, ProxyHeader, MAX_V1_HEADER, MAX_V2_HEADER};
@@ -47,15 +43,8 @@ fuzz_target!(|data: &[u8]| {
     }
     check_prefixes(data, &parsed);
     check_reader(data, &parsed);
-    if strict() {
-        check_spec(data, &parsed);
-    }
+    check_spec(data, &parsed);
 });
-
-fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("PROXY_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
 
 /// The version the input's signature tells, if it starts with one.
 fn signature(data: &[u8]) -> Option<u8> {
@@ -189,6 +178,16 @@ fn check_v1(own: &[u8], header: &ProxyHeader) {
     assert!(!header.is_local(), "v1 LOCAL");
     assert_eq!(header.tlvs().count(), 0, "v1 TLVs");
 
+    // UNKNOWN: the spec has the receiver ignore the rest of the line, whatever it is.
+    if line == b"UNKNOWN" || line.starts_with(b"UNKNOWN ") {
+        assert_eq!(header.source(), &Address::None, "UNKNOWN with a source");
+        assert_eq!(
+            header.destination(),
+            &Address::None,
+            "UNKNOWN with a destination"
+        );
+        return;
+    }
     let line = std::str::from_utf8(line).expect("a v1 header that is not UTF-8");
     let fields: Vec<&str> = line.split(' ').collect();
     let (source, destination) = match fields[..] {
@@ -449,17 +448,11 @@ fn check_reader(data: &[u8], parsed: &Parsed) {
     }
 }
 
-/// The specification's rules that linedancer (through ppp 2.3) does not follow today;
-/// only with `PROXY_FUZZ_STRICT=1`. Each of these fails:
-///
-/// - `PROXY ?` is `Ok(None)` until a CRLF or 107 bytes arrive, though no header starts
-///   so; a v2 prefix with a bad version, command, family or protocol byte, or a length
-///   shorter than its addresses, is `Ok(None)` until all its declared bytes arrive.
-/// - `PROXY UNKNOWN a b c d e\r\n` (five or more words after UNKNOWN) and
-///   `PROXY UNKNOWN \xff\r\n` (not UTF-8) are refused; the spec says to ignore
-///   whatever comes before the CRLF.
-/// - `PROXY TCP4 1.2.3.4 5.6.7.8 +80 443\r\n` is accepted: Rust's `u16` parser takes a
-///   sign.
+/// The specification's rules beyond what ppp 2.3 checks, which linedancer adds: a v2
+/// prefix with a bad version, command, family or protocol byte, or a length shorter
+/// than its addresses, and a v1 prefix whose protocol is not TCP4, TCP6 or UNKNOWN,
+/// are refused at once; `PROXY UNKNOWN` ignores the rest of its line, whatever it is;
+/// ports are plain decimal numbers (no sign, no leading zero).
 fn check_spec(data: &[u8], parsed: &Parsed) {
     match signature(data) {
         Some(2) if data.len() >= V2_FIXED => {

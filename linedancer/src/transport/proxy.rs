@@ -251,21 +251,59 @@ fn malformed(version: u8, reason: impl ToString) -> ProxyError {
     }
 }
 
+/// What may follow `PROXY ` in a v1 header.
+const V1_PROTOCOLS: [&[u8]; 4] = [b"TCP4 ", b"TCP6 ", b"UNKNOWN ", b"UNKNOWN\r"];
+
 fn parse_v1(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
-    let window = &bytes[..bytes.len().min(MAX_V1_HEADER)];
-    let Some(newline) = window.iter().position(|&b| b == b'\n') else {
-        return if bytes.len() >= MAX_V1_HEADER {
-            Err(ProxyError::TooLong {
-                version: 1,
-                limit: MAX_V1_HEADER,
-            })
-        } else {
-            Ok(None)
-        };
+    // Refused as soon as the protocol word cannot be one of the three.
+    let word = &bytes[V1_SIGNATURE.len()..];
+    let possible = |protocol: &&[u8]| {
+        let common = word.len().min(protocol.len());
+        word[..common] == protocol[..common]
     };
-    let len = newline + 1;
-    if bytes[newline - 1] != b'\r' {
-        return Err(malformed(1, "the line does not end with CRLF"));
+    if !V1_PROTOCOLS.iter().any(possible) {
+        return Err(malformed(1, "the protocol is not TCP4, TCP6 or UNKNOWN"));
+    }
+    let too_long = ProxyError::TooLong {
+        version: 1,
+        limit: MAX_V1_HEADER,
+    };
+    // The line ends at its first CR, which must be followed by LF, within the limit.
+    let window = &bytes[..bytes.len().min(MAX_V1_HEADER)];
+    let len = match window.iter().position(|&b| b == b'\r' || b == b'\n') {
+        None if bytes.len() >= MAX_V1_HEADER => return Err(too_long),
+        None => return Ok(None),
+        Some(at) if bytes[at] == b'\n' => {
+            return Err(malformed(1, "the line does not end with CRLF"))
+        }
+        Some(at) => match bytes.get(at + 1) {
+            _ if at + 2 > MAX_V1_HEADER => return Err(too_long),
+            None => return Ok(None),
+            Some(b'\n') => at + 2,
+            Some(_) => return Err(malformed(1, "a CR inside the line")),
+        },
+    };
+    let unknown = ProxyHeader {
+        version: 1,
+        local: false,
+        source: Address::None,
+        destination: Address::None,
+        tlvs: Vec::new(),
+    };
+    // The spec has the receiver ignore whatever follows UNKNOWN on the line.
+    let after_unknown = bytes[V1_SIGNATURE.len()..].strip_prefix(b"UNKNOWN");
+    if after_unknown.is_some_and(|rest| rest[0] == b' ' || rest[0] == b'\r') {
+        return Ok(Some((unknown, len)));
+    }
+    // Ports are plain decimal numbers, which Rust's parser alone would take with a sign.
+    let fields = bytes[V1_SIGNATURE.len()..len - 2].split(|&b| b == b' ');
+    let plain =
+        |port: &[u8]| port.iter().all(u8::is_ascii_digit) && (port == b"0" || port[0] != b'0');
+    if !fields
+        .skip(3)
+        .all(|field| !field.is_empty() && plain(field))
+    {
+        return Err(malformed(1, "a port that is not a plain decimal number"));
     }
     let header = ppp::v1::Header::try_from(&bytes[..len]).map_err(|e| malformed(1, e))?;
     let (source, destination) = match header.addresses {
@@ -286,20 +324,38 @@ fn parse_v1(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
         ),
     };
     let header = ProxyHeader {
-        version: 1,
-        local: false,
         source,
         destination,
-        tlvs: Vec::new(),
+        ..unknown
     };
     Ok(Some((header, len)))
 }
 
 fn parse_v2(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
+    // Refused as soon as the version and command, or the family and protocol, are
+    // none the spec defines, rather than once the length it gives has come.
+    if let Some(&version_command) = bytes.get(12) {
+        if version_command >> 4 != 2 || version_command & 0x0f > 1 {
+            let reason = format!("version and command byte {version_command:#04x}");
+            return Err(malformed(2, reason));
+        }
+    }
+    if let Some(&family_protocol) = bytes.get(13) {
+        if family_protocol >> 4 > 3 || family_protocol & 0x0f > 2 {
+            let reason = format!("address family and protocol byte {family_protocol:#04x}");
+            return Err(malformed(2, reason));
+        }
+    }
     let Some(&[high, low]) = bytes.get(14..16) else {
         return Ok(None);
     };
     let len = 16 + usize::from(u16::from_be_bytes([high, low]));
+    // The address block each family needs: IPv4, IPv6, Unix.
+    let addresses = [0, 12, 36, 216][usize::from(bytes[13] >> 4)];
+    if len - 16 < addresses {
+        let reason = format!("{} bytes cannot hold the addresses", len - 16);
+        return Err(malformed(2, reason));
+    }
     if len > MAX_V2_HEADER {
         return Err(ProxyError::TooLong {
             version: 2,
@@ -397,6 +453,46 @@ pub(crate) async fn read_header(stream: &mut TcpStream) -> Result<ProxyHeader, P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn impossible_headers_are_refused_before_they_end() {
+        for bytes in [
+            &b"PROXY ?"[..],
+            b"PROXY TCP5",
+            b"PROXY UNKNOWNX",
+            b"PROXY UNKNOWN\r ",
+        ] {
+            let err = ProxyHeader::parse(bytes).unwrap_err();
+            assert!(
+                matches!(err, ProxyError::Malformed { version: 1, .. }),
+                "{err}"
+            );
+        }
+        let mut v2 = V2_SIGNATURE.to_vec();
+        v2.push(0x11); // version 1: not v2
+        assert!(ProxyHeader::parse(&v2).is_err());
+        v2[12] = 0x21;
+        v2.push(0x41); // family 4: none
+        assert!(ProxyHeader::parse(&v2).is_err());
+        v2[13] = 0x11;
+        assert_eq!(ProxyHeader::parse(&v2).unwrap(), None);
+        v2.extend_from_slice(&[0, 4]); // 4 bytes: too few for two IPv4 addresses
+        assert!(ProxyHeader::parse(&v2).is_err());
+        let signed = b"PROXY TCP4 1.2.3.4 5.6.7.8 +80 443\r\n";
+        assert!(ProxyHeader::parse(signed).is_err());
+    }
+
+    #[test]
+    fn unknown_ignores_the_rest_of_its_line() {
+        let line = b"PROXY UNKNOWN whatever \xff follows\r\nhi";
+        let (header, len) = ProxyHeader::parse(line).unwrap().unwrap();
+        assert_eq!(len, line.len() - 2);
+        assert_eq!(header.source(), &Address::None);
+        assert_eq!(
+            ProxyHeader::parse(b"PROXY UNKNOWN\r\n").unwrap().unwrap().1,
+            15
+        );
+    }
 
     #[test]
     fn trusted_networks_include_ipv4_mapped_peers() {
