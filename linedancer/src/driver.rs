@@ -231,7 +231,10 @@ where
     type Output = io::Result<()>;
 
     /// Serves until the connection closes, and records why; the reason is the close's
-    /// whole story, so this never fails.
+    /// whole story, so this never fails. Never inlined into the task around it (which,
+    /// with TLS, holds the handshake too), so that the code every request runs stays
+    /// together.
+    #[inline(never)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let drive = this.served;
@@ -278,9 +281,7 @@ where
     fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
         loop {
             if self.session.has_effects() {
-                for effect in self.session.take_effects() {
-                    carry_out(effect, &self.conn, &mut self.spawned);
-                }
+                self.carry_out_effects();
             }
             if !self.session.output.is_empty() || self.unflushed {
                 // Most replies fit in the socket buffer: write them at once, and wait
@@ -295,12 +296,7 @@ where
                 };
                 self.count_written(written);
                 if self.unflushed && (!self.sending || written > 0) {
-                    let deadline = Instant::now() + self.limits.send_timeout;
-                    match &mut self.send_timer {
-                        Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => self.send_timer = Some(Box::pin(sleep_until(deadline))),
-                    }
-                    self.sending = true;
+                    self.arm_send_timer();
                 }
             }
             // Replies still waiting for the peer, in bytes.
@@ -308,11 +304,7 @@ where
             let pending = self.unflushed;
             if !pending {
                 if self.sending {
-                    self.sending = false;
-                    if let Some((_, last_input)) = &mut self.idle {
-                        // Waiting for the peer to read is not idleness.
-                        *last_input = Instant::now();
-                    }
+                    self.sent();
                 }
                 if self.session.is_paused() {
                     // The replies that paused decoding have gone: decode the rest.
@@ -321,35 +313,19 @@ where
                 }
             }
             if self.session.state_name() != self.state {
-                self.state = self.session.state_name();
-                self.span.record("state", display(self.state));
-                self.conn.record_state(self.state);
+                self.record_state();
             }
             if !pending && self.session.closing().is_some() {
                 return Poll::Ready(None);
             }
-            match self.session.take_timer() {
-                Some(Timer::Arm(after)) => {
-                    let deadline = Instant::now() + after;
-                    match &mut self.timer {
-                        Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => self.timer = Some(Box::pin(sleep_until(deadline))),
-                    }
-                    self.armed = true;
-                }
-                Some(Timer::Clear) => self.armed = false,
-                None => {}
+            if let Some(timer) = self.session.take_timer() {
+                self.set_timer(timer);
             }
             // A frame begun in the input, while we read: it has the frame timeout to
             // complete, counted again whenever another frame completes.
             let partial = !pending && !self.session.is_paused() && !self.session.input.is_empty();
             if partial && (!self.framing || self.session.frames() != self.frames_seen) {
-                let deadline = Instant::now() + self.limits.frame_timeout;
-                match &mut self.frame_timer {
-                    Some(sleep) => sleep.as_mut().reset(deadline),
-                    None => self.frame_timer = Some(Box::pin(sleep_until(deadline))),
-                }
-                self.frames_seen = self.session.frames();
+                self.arm_frame_timer();
             }
             self.framing = partial;
             // The next event, in order of priority: the server's and other
@@ -371,20 +347,7 @@ where
     fn poll_next(&mut self, pending: bool, cx: &mut Context<'_>) -> Poll<Result<(), CloseReason>> {
         let draining = self.draining;
         if let Poll::Ready(event) = self.conn.poll_event(cx, !draining, &mut self.registered) {
-            match event {
-                Event::Abort => return Poll::Ready(Err(CloseReason::Shutdown)),
-                Event::Overflow => return Poll::Ready(Err(CloseReason::MailboxOverflow)),
-                Event::Drain => {
-                    self.draining = true;
-                    self.session.shutdown();
-                }
-                Event::Mail => {
-                    for message in self.conn.take_mail() {
-                        self.session.message(message);
-                    }
-                }
-            }
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(self.event(event));
         }
         if pending {
             // While replies wait, nothing more is read: a peer that sends without
@@ -428,6 +391,109 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(CloseReason::from_io(&e))),
             }
         }
+        let idle = !pending && self.idle.is_some();
+        if self.armed || self.spawned.is_some() || self.framing || self.sending || idle {
+            return self.poll_timers(pending, cx);
+        }
+        Poll::Pending
+    }
+
+    // What follows is what some requests need, out of line: the code every request
+    // runs should fit the instruction cache beside the stream's own (TLS).
+
+    /// Carries out what the callbacks asked for away from the connection.
+    #[cold]
+    fn carry_out_effects(&mut self) {
+        for effect in self.session.take_effects() {
+            carry_out(effect, &self.conn, &mut self.spawned);
+        }
+    }
+
+    /// Replies wait for the peer: (re)starts the send timeout.
+    #[cold]
+    fn arm_send_timer(&mut self) {
+        let deadline = Instant::now() + self.limits.send_timeout;
+        match &mut self.send_timer {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.send_timer = Some(Box::pin(sleep_until(deadline))),
+        }
+        self.sending = true;
+    }
+
+    /// The replies that waited for the peer have gone.
+    #[cold]
+    fn sent(&mut self) {
+        self.sending = false;
+        if let Some((_, last_input)) = &mut self.idle {
+            // Waiting for the peer to read is not idleness.
+            *last_input = Instant::now();
+        }
+    }
+
+    /// The protocol moved to another state: the span and the listing say so.
+    #[cold]
+    fn record_state(&mut self) {
+        self.state = self.session.state_name();
+        self.span.record("state", display(self.state));
+        self.conn.record_state(self.state);
+    }
+
+    /// Arms or clears the protocol's timer, as a callback asked.
+    #[cold]
+    fn set_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::Arm(after) => {
+                let deadline = Instant::now() + after;
+                match &mut self.timer {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(sleep_until(deadline))),
+                }
+                self.armed = true;
+            }
+            Timer::Clear => self.armed = false,
+        }
+    }
+
+    /// A frame has begun, or another has completed while one is begun: (re)starts the
+    /// frame timeout.
+    #[cold]
+    fn arm_frame_timer(&mut self) {
+        let deadline = Instant::now() + self.limits.frame_timeout;
+        match &mut self.frame_timer {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.frame_timer = Some(Box::pin(sleep_until(deadline))),
+        }
+        self.frames_seen = self.session.frames();
+    }
+
+    /// Hands an event of the server's or of other connections' to the session; `Err`
+    /// when it cuts the connection short.
+    #[cold]
+    fn event(&mut self, event: Event) -> Result<(), CloseReason> {
+        match event {
+            Event::Abort => return Err(CloseReason::Shutdown),
+            Event::Overflow => return Err(CloseReason::MailboxOverflow),
+            Event::Drain => {
+                self.draining = true;
+                self.session.shutdown();
+            }
+            Event::Mail => {
+                for message in self.conn.take_mail() {
+                    self.session.message(message);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the protocol's timer, spawned work, and the frame, send and idle
+    /// timeouts, those that run.
+    #[cold]
+    fn poll_timers(
+        &mut self,
+        pending: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), CloseReason>> {
         if self.armed {
             if let Some(timer) = &mut self.timer {
                 if timer.as_mut().poll(cx).is_ready() {
@@ -489,6 +555,7 @@ where
 
     /// Shuts our side, then discards what the peer still sends until it closes, the
     /// time or amount allowed runs out, or the server's drain ends.
+    #[cold]
     fn poll_linger(&mut self, linger: &mut Linger, cx: &mut Context<'_>) -> Poll<()> {
         if linger.deadline.as_mut().poll(cx).is_ready() || self.conn.poll_abort(cx).is_ready() {
             return Poll::Ready(());
@@ -517,6 +584,7 @@ where
     /// unwritten is discarded, the buffers go back to the pool (so that a new
     /// connection does not allocate its own), [`Protocol::closed`] is called, and the
     /// messages it sends go out.
+    #[cold]
     fn finish(&mut self, cut: Option<CloseReason>) {
         if cut == Some(CloseReason::Shutdown) {
             // Cut off by the end of the drain: the peer sees a reset, not a clean end.
@@ -567,7 +635,10 @@ fn poll_send<T: AsyncWrite + Unpin>(
     (written, Pin::new(stream).poll_flush(cx))
 }
 
-/// Carries out what a callback asked for away from its connection.
+/// Carries out what a callback asked for away from its connection. Out of line, as
+/// the other rare paths: what every request runs should fit the instruction cache
+/// beside the stream's own code (TLS).
+#[inline(never)]
 fn carry_out<M: Send + 'static>(
     effect: Effect<M>,
     conn: &Connection<M>,
