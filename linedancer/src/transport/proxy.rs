@@ -308,19 +308,17 @@ fn parse_v1(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let header = ppp::v1::Header::try_from(&bytes[..len]).map_err(|e| malformed(1, e))?;
     let (source, destination) = match header.addresses {
         ppp::v1::Addresses::Unknown => (Address::None, Address::None),
-        ppp::v1::Addresses::Tcp4(ip) => (
-            Address::Ip(SocketAddr::from((ip.source_address, ip.source_port))),
-            Address::Ip(SocketAddr::from((
-                ip.destination_address,
-                ip.destination_port,
-            ))),
+        ppp::v1::Addresses::Tcp4(ip) => endpoints(
+            ip.source_address,
+            ip.source_port,
+            ip.destination_address,
+            ip.destination_port,
         ),
-        ppp::v1::Addresses::Tcp6(ip) => (
-            Address::Ip(SocketAddr::from((ip.source_address, ip.source_port))),
-            Address::Ip(SocketAddr::from((
-                ip.destination_address,
-                ip.destination_port,
-            ))),
+        ppp::v1::Addresses::Tcp6(ip) => endpoints(
+            ip.source_address,
+            ip.source_port,
+            ip.destination_address,
+            ip.destination_port,
         ),
     };
     let header = ProxyHeader {
@@ -374,19 +372,17 @@ fn parse_v2(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let (source, destination) = match header.addresses {
         _ if local => (Address::None, Address::None),
         ppp::v2::Addresses::Unspecified => (Address::None, Address::None),
-        ppp::v2::Addresses::IPv4(ip) => (
-            Address::Ip(SocketAddr::from((ip.source_address, ip.source_port))),
-            Address::Ip(SocketAddr::from((
-                ip.destination_address,
-                ip.destination_port,
-            ))),
+        ppp::v2::Addresses::IPv4(ip) => endpoints(
+            ip.source_address,
+            ip.source_port,
+            ip.destination_address,
+            ip.destination_port,
         ),
-        ppp::v2::Addresses::IPv6(ip) => (
-            Address::Ip(SocketAddr::from((ip.source_address, ip.source_port))),
-            Address::Ip(SocketAddr::from((
-                ip.destination_address,
-                ip.destination_port,
-            ))),
+        ppp::v2::Addresses::IPv6(ip) => endpoints(
+            ip.source_address,
+            ip.source_port,
+            ip.destination_address,
+            ip.destination_port,
         ),
         ppp::v2::Addresses::Unix(unix) => {
             (unix_address(&unix.source), unix_address(&unix.destination))
@@ -400,6 +396,19 @@ fn parse_v2(bytes: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
         tlvs,
     };
     Ok(Some((header, len)))
+}
+
+/// The source and destination of a TCP header.
+fn endpoints(
+    source: impl Into<IpAddr>,
+    source_port: u16,
+    destination: impl Into<IpAddr>,
+    destination_port: u16,
+) -> (Address, Address) {
+    (
+        Address::Ip(SocketAddr::new(source.into(), source_port)),
+        Address::Ip(SocketAddr::new(destination.into(), destination_port)),
+    )
 }
 
 /// A Unix socket path from a v2 header's NUL-padded field.
