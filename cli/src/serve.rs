@@ -27,12 +27,31 @@ pub struct ServeArgs {
     #[arg(long = "upstream", value_name = "HOST:PORT")]
     upstreams: Vec<String>,
     /// The address to listen on: an IP address (127.0.0.1, ::1 or [::1]), localhost,
-    /// or HOST:PORT such as [::1]:7000 (then without --port).
-    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
-    bind: String,
+    /// or HOST:PORT such as [::1]:7000 (then without --port). Default 127.0.0.1,
+    /// unless --unix is given alone.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
     /// The port to listen on (default 7000); 0 picks a free one.
     #[arg(long, value_name = "N")]
     port: Option<u16>,
+    /// Listen on a Unix socket at this path too (alone, without --bind or --port, it is
+    /// the only listener); repeat it for several. A stale socket file is replaced, one
+    /// a server listens on fails ("in use"); the file is removed on exit.
+    #[arg(long = "unix", value_name = "PATH")]
+    unix: Vec<PathBuf>,
+    /// The permissions of the --unix socket files, in octal, such as 660 to let a
+    /// proxy of the same group connect. Default: as the umask leaves them.
+    #[arg(long, value_name = "MODE", value_parser = file_mode)]
+    unix_mode: Option<u32>,
+    /// Listen on this Unix socket (mode 0600) for a successor: `serve` started with the
+    /// same options plus --upgrade takes over every listening socket, and this server
+    /// then stops accepting, drains its connections and exits 0.
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Take over the listening sockets of the server running with the same
+    /// --upgrade-socket, instead of binding them: no connection is refused meanwhile.
+    #[arg(long, requires = "upgrade_socket")]
+    upgrade: bool,
     /// How connections are spread over threads. The command runs per-core by default,
     /// as it owns the process; the library's default is to run on the caller's runtime
     /// (work-stealing here).
@@ -220,7 +239,13 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     if !PROTOCOLS.contains(&args.protocol.as_str()) {
         return Err(ServeError::UnknownProtocol(args.protocol));
     }
-    let address = listen_address(&args.bind, args.port)?;
+    let tcp = match (&args.bind, args.port) {
+        (None, None) if !args.unix.is_empty() => None,
+        (bind, port) => Some(listen_address(
+            bind.as_deref().unwrap_or("127.0.0.1"),
+            port,
+        )?),
+    };
     if args.protocol != "gateway" && !args.upstreams.is_empty() {
         return Err(ServeError::UpstreamNotGateway {
             upstream: args.upstreams[0].clone(),
@@ -235,7 +260,6 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         given => LoginTimeout(given.unwrap_or(linedancer::examples::LOGIN_TIMEOUT)),
     };
     let mut builder = Server::builder()
-        .address(address)
         .threading(threading)
         .max_connections(args.max_connections)
         .drain_timeout(*args.drain_timeout)
@@ -244,6 +268,23 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         .tcp_keepalive(args.tcp_keepalive.0)
         .max_output(args.max_output)
         .mailbox_capacity(args.mailbox_capacity);
+    if let Some(address) = tcp {
+        builder = builder.address(address);
+    }
+    for path in &args.unix {
+        builder = builder.unix(path);
+    }
+    if let Some(mode) = args.unix_mode {
+        builder = builder.unix_mode(mode);
+    }
+    // Sockets passed by systemd (LISTEN_FDS) replace every address above.
+    builder = builder.socket_activation().sd_notify();
+    if let Some(path) = &args.upgrade_socket {
+        builder = builder.upgrade_socket(path);
+        if args.upgrade {
+            builder = builder.upgrade_from(path);
+        }
+    }
     if let Some(timeout) = args.idle_timeout {
         builder = builder.idle_timeout(*timeout);
     }
@@ -302,6 +343,15 @@ fn tls_config(args: &ServeArgs) -> Result<Option<TlsConfig>, ServeError> {
     Ok(Some(tls.alpn(&args.tls_alpn)))
 }
 
+/// `--unix-mode`: permissions in octal (660, 0660 or 0o660).
+fn file_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err("expected permissions in octal, from 0 to 777, such as 660".into()),
+    }
+}
+
 /// `--tcp-keepalive`: a duration, or off.
 #[derive(Debug, Clone, Copy)]
 struct Keepalive(Option<Duration>);
@@ -344,7 +394,9 @@ fn listen_address(bind: &str, port: Option<u16>) -> Result<String, ServeError> {
 async fn until_signal<H: Service>(builder: linedancer::Builder<H>) -> Result<(), ServeError> {
     let server: ServerHandle<H::Message> = builder.start().await?;
     let stopped = server.run_until_signal()?;
-    eprintln!("listening on {}", server.local_addr());
+    for address in server.addresses() {
+        eprintln!("listening on {address}");
+    }
     let report = stopped.await;
     info!(
         drained = report.drained,

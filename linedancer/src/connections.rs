@@ -37,7 +37,7 @@ use crate::close::CloseReason;
 use crate::stats::{ByteCounts, Bytes, Counters, Stats};
 use crate::transport::proxy::ProxyHeader;
 use crate::transport::tls::TlsInfo;
-use crate::transport::{Address, TransportInfo};
+use crate::transport::{Address, PeerCredentials, TransportInfo};
 
 /// A connection's id: unique within one server, in accept order, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,6 +98,11 @@ impl<M> Connection<M> {
     /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)).
     pub fn proxy_header(&self) -> Option<&ProxyHeader> {
         self.transport.as_ref()?.proxy.as_ref()
+    }
+
+    /// The process at the other end, on a Unix socket: its user, group and process id.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.transport.as_ref()?.credentials
     }
 
     /// The TLS handshake's outcome and the PROXY header, for the protocol driver.

@@ -18,6 +18,34 @@ pub enum Error {
         /// What the operating system said.
         source: io::Error,
     },
+    /// A Unix socket could not be listened on: a server listens on it already ("in
+    /// use"), a file that is not a socket is in the way, or its directory is missing or
+    /// not ours.
+    #[error("cannot listen on unix:{path}: {source}", path = path.display())]
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// The sockets passed by a supervisor (`LISTEN_FDS`, `LISTEN_PID`) cannot be used:
+    /// a variable that is not a number, or a descriptor that is not a listening TCP or
+    /// Unix stream socket.
+    #[error("socket activation: {reason}")]
+    Activation {
+        /// What is wrong, naming the descriptor.
+        reason: String,
+    },
+    /// Taking over the listening sockets of a running server failed
+    /// ([`Builder::upgrade_from`](crate::Builder::upgrade_from)); that server goes on
+    /// serving.
+    #[error("cannot take over from the server at {path}: {reason}", path = path.display())]
+    Upgrade {
+        /// Its upgrade socket.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A listening address given as text ([`Builder::address`](crate::Builder::address))
     /// is not `host:port`, or does not resolve.
     #[error("invalid address '{value}': {source}")]

@@ -167,6 +167,7 @@ mod error;
 pub mod examples;
 mod handler;
 mod listener;
+mod process;
 mod protocol;
 mod server;
 mod stats;
@@ -196,7 +197,7 @@ pub use transport::proxy::{
 pub use transport::tls::{
     TlsConfig, TlsInfo, DEFAULT_MAX_HANDSHAKES, DEFAULT_TLS_HANDSHAKE_TIMEOUT,
 };
-pub use transport::{Address, Stream};
+pub use transport::{Address, PeerCredentials, Stream};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,33 +1,138 @@
-//! Listening sockets, the accept loop, and the [`Gate`] that suspends, resumes and stops
-//! accepting.
+//! Listening sockets (TCP and Unix), the accept loop, and the [`Gate`] that suspends,
+//! resumes and stops accepting.
 //!
 //! Sockets are made with `socket2` (`SO_REUSEADDR`, our own backlog) and every accepted
-//! socket gets `TCP_NODELAY`. The accept loop takes a connection slot for each
+//! TCP socket gets `TCP_NODELAY`. The accept loop takes a connection slot for each
 //! connection it accepts; at the limit, the connection in hand waits for a slot and no
 //! other is accepted meanwhile (nothing is accepted and closed). No accept error ends
 //! it: each is sorted by kind in [`accept_failed`].
 
 use std::cell::Cell;
+use std::fs;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol as IpProtocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol as IpProtocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
 use crate::close::CloseReason;
-use crate::connections::{Connection, Connections};
+use crate::connections::{Connection, Connections, Reservation};
 use crate::handler::Service;
-use crate::transport::{Address, Front, TransportInfo};
+use crate::transport::{Address, Front, Peek, PeerCredentials, TransportInfo};
 
 /// How long the acceptor pauses after an error that says the process or the system is
 /// out of a resource (file descriptors, buffers, memory), before it tries again.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A listening socket of the server, before a runtime takes it.
+#[derive(Debug)]
+pub(crate) enum Listening {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listening {
+    /// Takes a socket handed to the process, by a supervisor (socket activation) or by
+    /// the server it takes over from, once it is checked to be a listening stream
+    /// socket, TCP or Unix; says what it is instead otherwise.
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<Self, String> {
+        let socket = Socket::from(fd);
+        let not_socket = |e: io::Error| format!("not a socket ({e})");
+        let domain = socket.domain().map_err(not_socket)?;
+        if socket.r#type().map_err(not_socket)? != Type::STREAM {
+            return Err("not a stream socket".into());
+        }
+        if !socket.is_listener().map_err(not_socket)? {
+            return Err("a stream socket that is not listening".into());
+        }
+        let setup = |e: io::Error| format!("cannot be set up: {e}");
+        socket.set_nonblocking(true).map_err(setup)?;
+        socket.set_cloexec(true).map_err(setup)?;
+        match domain {
+            Domain::IPV4 | Domain::IPV6 => Ok(Listening::Tcp(socket.into())),
+            Domain::UNIX => Ok(Listening::Unix(socket.into())),
+            other => Err(format!(
+                "a socket of family {other:?}, neither TCP nor Unix"
+            )),
+        }
+    }
+
+    /// The address it listens on.
+    pub(crate) fn address(&self) -> io::Result<Address> {
+        Ok(match self {
+            Listening::Tcp(socket) => Address::Ip(socket.local_addr()?),
+            Listening::Unix(socket) => {
+                Address::Unix(socket.local_addr()?.as_pathname().map(Arc::from))
+            }
+        })
+    }
+
+    /// Another handle on the same socket.
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Listening::Tcp(socket) => Listening::Tcp(socket.try_clone()?),
+            Listening::Unix(socket) => Listening::Unix(socket.try_clone()?),
+        })
+    }
+
+    /// Hands the socket to the tokio runtime of the calling thread.
+    pub(crate) fn into_acceptor(self) -> io::Result<Acceptor> {
+        Ok(match self {
+            Listening::Tcp(socket) => Acceptor::Tcp(TcpListener::from_std(socket)?),
+            Listening::Unix(socket) => Acceptor::Unix(UnixListener::from_std(socket)?),
+        })
+    }
+}
+
+impl AsFd for Listening {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listening::Tcp(socket) => socket.as_fd(),
+            Listening::Unix(socket) => socket.as_fd(),
+        }
+    }
+}
+
+/// A listening socket in a runtime.
+#[derive(Debug)]
+pub(crate) enum Acceptor {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A connection just accepted.
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Acceptor {
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Acceptor::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok(Accepted::Tcp(stream, peer))
+            }
+            Acceptor::Unix(listener) => Ok(Accepted::Unix(listener.accept().await?.0)),
+        }
+    }
+
+    fn local_address(&self) -> io::Result<Address> {
+        Ok(match self {
+            Acceptor::Tcp(listener) => Address::Ip(listener.local_addr()?),
+            Acceptor::Unix(listener) => Address::from(listener.local_addr()?),
+        })
+    }
+}
 
 /// Binds a listening TCP socket on `addr`; with `reuse_port`, one of several sockets
 /// that share the port. Converted to tokio's listener inside the runtime that runs it.
@@ -44,6 +149,89 @@ pub(crate) fn bind(
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
+}
+
+/// Binds a listening Unix socket at `path`, its file's permissions set to `mode` (when
+/// given) before it listens, so that no peer connects under looser ones. A socket file
+/// left by a server that is gone (connecting to it is refused) is replaced; one that a
+/// server listens on fails ("in use"); any other file in the way is left alone, and
+/// fails.
+pub(crate) fn bind_unix(
+    path: &Path,
+    backlog: u32,
+    mode: Option<u32>,
+) -> io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    let addr = SockAddr::unix(path)?;
+    match socket.bind(&addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            remove_stale(path)?;
+            socket.bind(&addr)?;
+        }
+        bound => bound?,
+    }
+    let file = SocketFile::of(path)?;
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok((socket.into(), file))
+}
+
+/// Removes the socket file at `path` if no server listens on it.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    if !fs::symlink_metadata(path)?.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        ));
+    }
+    // Without blocking: a server whose backlog is full is live too.
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            debug!(path = %path.display(), "replacing a stale socket file");
+            fs::remove_file(path)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "in use: a server is listening on it",
+        )),
+    }
+}
+
+/// A socket file the server made, removed when it stops, unless it has since been
+/// replaced by another file.
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    pub(crate) fn of(path: &Path) -> io::Result<Self> {
+        let meta = fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Removes the file, if it is still the one the server made.
+    pub(crate) fn remove(&self) {
+        let ours = fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| meta.dev() == self.dev && meta.ino() == self.ino);
+        if ours {
+            if let Err(e) = fs::remove_file(&self.path) {
+                warn!(path = %self.path.display(), "cannot remove the socket file: {e}");
+            }
+        }
+    }
 }
 
 /// Turns TCP keepalive on a listening socket on (probing a peer silent for `time`,
@@ -156,20 +344,28 @@ impl Gate {
 
 /// Accepts connections while `gate` is open, running `service` on each, until it is
 /// stopped. The listening socket is closed when this returns, so new connects are then
-/// refused; while the gate is suspended they wait in the backlog.
+/// refused (unless another process holds it too); while the gate is suspended they wait
+/// in the backlog.
 pub(crate) async fn accept_loop<H: Service>(
-    listener: TcpListener,
+    acceptor: Acceptor,
     connections: Arc<Connections<H::Message>>,
     service: Arc<H>,
     front: Option<Arc<Front>>,
     gate: Arc<Gate>,
 ) {
-    let local_addr = match listener.local_addr() {
-        Ok(addr) => Address::Ip(addr),
+    let local = match acceptor.local_address() {
+        Ok(addr) => addr,
         Err(e) => {
             warn!("cannot read the listener's address: {e}");
             return;
         }
+    };
+    let opener = Opener {
+        connections: &connections,
+        service: &service,
+        front: front.as_ref(),
+        gate: &gate,
+        local: &local,
     };
     loop {
         // One future for as long as the gate stays as it is: making a new one for every
@@ -188,15 +384,15 @@ pub(crate) async fn accept_loop<H: Service>(
             let accepted = tokio::select! {
                 biased;
                 () = &mut changed => break,
-                accepted = listener.accept() => accepted,
+                accepted = acceptor.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer_addr)) => {
+                Ok(accepted) => {
                     // A slot at once below the limit; at it, this connection waits for
                     // one and no other is accepted meanwhile. A slot is taken only with
                     // a connection in hand: one held while waiting for a connection
                     // could be the last, kept from a client queued at another of the
-                    // per-core sockets or from a stream handed to the server.
+                    // listening sockets or from a stream handed to the server.
                     let reservation = match connections.try_reserve() {
                         Some(reservation) => reservation,
                         None => tokio::select! {
@@ -207,40 +403,25 @@ pub(crate) async fn accept_loop<H: Service>(
                         },
                     };
                     ACCEPTED.with(|accepted| accepted.set(accepted.get() + 1));
-                    if let Err(e) = stream.set_nodelay(true) {
-                        // The peer is already gone; the connection task will find out.
-                        debug!(%peer_addr, "cannot set TCP_NODELAY: {e}");
-                    }
-                    let service = Arc::clone(&service);
-                    let (peer, local) = (Address::Ip(peer_addr), local_addr.clone());
-                    let Some(front) = &front else {
-                        connections.spawn(
-                            reservation,
-                            peer,
-                            local,
-                            false,
-                            move |conn| async move { service.serve(stream, conn).await },
-                        );
-                        continue;
-                    };
-                    // At the cap on openings in progress, this connection waits for a
-                    // permit and no other is accepted meanwhile.
-                    let handshakes = Arc::clone(&front.handshakes);
-                    let permit = match handshakes.clone().try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(_) => tokio::select! {
-                            biased;
-                            () = gate.stopped() => return,
-                            permit = handshakes.acquire_owned() => {
-                                permit.expect("the handshake semaphore is never closed")
+                    let opened = match accepted {
+                        Accepted::Tcp(stream, peer) => {
+                            if let Err(e) = stream.set_nodelay(true) {
+                                // The peer is already gone; the connection task will
+                                // find out.
+                                debug!(%peer, "cannot set TCP_NODELAY: {e}");
                             }
-                        },
+                            let peer = Address::Ip(peer);
+                            opener.open(reservation, stream, peer, None).await
+                        }
+                        Accepted::Unix(stream) => {
+                            let credentials = stream.peer_cred().ok().map(PeerCredentials::from);
+                            let peer = Address::Unix(None);
+                            opener.open(reservation, stream, peer, credentials).await
+                        }
                     };
-                    let front = Arc::clone(front);
-                    let proxied = front.proxy.is_some();
-                    connections.spawn(reservation, peer, local, proxied, move |conn| async move {
-                        open_and_serve(&front, stream, peer_addr, conn, permit, &*service).await
-                    });
+                    if opened == Opened::Stopped {
+                        return;
+                    }
                 }
                 Err(e) => {
                     connections.accept_error();
@@ -256,23 +437,102 @@ pub(crate) async fn accept_loop<H: Service>(
     }
 }
 
+/// What an accept loop needs to start a connection's task.
+struct Opener<'a, H: Service> {
+    connections: &'a Arc<Connections<H::Message>>,
+    service: &'a Arc<H>,
+    front: Option<&'a Arc<Front>>,
+    gate: &'a Gate,
+    local: &'a Address,
+}
+
+/// Whether the accept loop goes on after [`Opener::open`].
+#[derive(Debug, PartialEq, Eq)]
+enum Opened {
+    Spawned,
+    /// The server stopped while the connection waited to open; it is dropped.
+    Stopped,
+}
+
+impl<H: Service> Opener<'_, H> {
+    /// Starts the task of a connection just accepted: it opens (PROXY header, TLS), if
+    /// the server has a front, then is served. At the cap on openings in progress, it
+    /// waits here for a permit, and no other is accepted meanwhile.
+    async fn open<S: Peek>(
+        &self,
+        reservation: Reservation<'_, H::Message>,
+        stream: S,
+        peer: Address,
+        credentials: Option<PeerCredentials>,
+    ) -> Opened {
+        let service = Arc::clone(self.service);
+        let local = self.local.clone();
+        let Some(front) = self.front else {
+            self.connections.spawn(
+                reservation,
+                peer,
+                local,
+                false,
+                move |mut conn| async move {
+                    if credentials.is_some() {
+                        conn.set_transport(TransportInfo {
+                            credentials,
+                            ..TransportInfo::default()
+                        });
+                    }
+                    service.serve(stream, conn).await
+                },
+            );
+            return Opened::Spawned;
+        };
+        let handshakes = Arc::clone(&front.handshakes);
+        let permit = match handshakes.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::select! {
+                biased;
+                () = self.gate.stopped() => return Opened::Stopped,
+                permit = handshakes.acquire_owned() => {
+                    permit.expect("the handshake semaphore is never closed")
+                }
+            },
+        };
+        let front = Arc::clone(front);
+        let proxied = front.proxy.is_some();
+        let transport = TransportInfo {
+            credentials,
+            ..TransportInfo::default()
+        };
+        let connections = self.connections;
+        connections.spawn(
+            reservation,
+            peer.clone(),
+            local,
+            proxied,
+            move |conn| async move {
+                open_and_serve(&front, stream, peer, transport, conn, permit, &*service).await
+            },
+        );
+        Opened::Spawned
+    }
+}
+
 /// Opens a connection (its PROXY header, then its TLS handshake, as the server has
 /// them), then serves it. A connection that fails to open is closed with the reason,
 /// and its protocol never sees it; so is one still opening when the server drains.
-async fn open_and_serve<H: Service>(
+async fn open_and_serve<H: Service, S: Peek>(
     front: &Front,
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: S,
+    peer: Address,
+    mut transport: TransportInfo,
     mut conn: Connection<H::Message>,
     permit: OwnedSemaphorePermit,
     service: &H,
 ) -> io::Result<()> {
-    let mut transport = TransportInfo::default();
     if let Some(proxy) = &front.proxy {
         let header = tokio::select! {
             biased;
             () = conn.shutdown_requested() => Err(CloseReason::Shutdown),
-            header = proxy.read(&mut stream, peer) => header,
+            header = proxy.read(&mut stream, &peer) => header,
         };
         match header {
             Ok(header) => {

@@ -26,7 +26,7 @@ use crate::close::CloseReason;
 use crate::connections::ConnectionId;
 use crate::transport::proxy::ProxyHeader;
 use crate::transport::tls::TlsInfo;
-use crate::transport::{Address, TransportInfo};
+use crate::transport::{Address, PeerCredentials, TransportInfo};
 
 /// A connection's protocol: a state machine fed with decoded frames.
 ///
@@ -334,6 +334,11 @@ impl<P: Protocol<S>, S> Ctx<'_, P, S> {
     /// protocol agreed on), on a server with TLS ([`Builder::tls`](crate::Builder::tls)).
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.peer.transport.as_ref()?.tls.as_ref()
+    }
+
+    /// The process at the other end, on a Unix socket: its user, group and process id.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.peer.transport.as_ref()?.credentials
     }
 
     /// The connection's PROXY protocol header (v2 TLVs included), on a server that

@@ -3,11 +3,12 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -17,7 +18,8 @@ use crate::connections::{
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::handler::{Handler, Service};
-use crate::listener::{self, Gate};
+use crate::listener::{self, Acceptor, Gate, Listening, SocketFile};
+use crate::process::{self, Successor};
 use crate::protocol::Protocol;
 use crate::stats::Stats;
 use crate::transport::proxy::{ProxyProtocol, DEFAULT_PROXY_HEADER_TIMEOUT};
@@ -104,10 +106,7 @@ impl Server {
                     mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
                 },
             },
-            listen: Listen::Ip {
-                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                port: DEFAULT_PORT,
-            },
+            listen: Places::default(),
             transport: TransportConfig::default(),
             handler: (),
             state: Arc::new(()),
@@ -138,14 +137,33 @@ impl Server {
 #[must_use = "a builder does nothing until started"]
 pub struct Builder<H, S = ()> {
     settings: Settings,
-    listen: Listen,
+    listen: Places,
     transport: TransportConfig,
     handler: H,
     /// The application state, handed to the protocol chosen next.
     state: Arc<S>,
 }
 
-/// Where the server listens.
+/// Where the server listens, and how it gets its listening sockets.
+#[derive(Debug, Default)]
+struct Places {
+    /// The TCP address; without one, 127.0.0.1:7000 unless there are Unix sockets.
+    tcp: Option<Listen>,
+    /// [`Builder::unix`].
+    unix: Vec<PathBuf>,
+    /// [`Builder::unix_mode`].
+    unix_mode: Option<u32>,
+    /// [`Builder::socket_activation`].
+    activation: bool,
+    /// [`Builder::upgrade_socket`].
+    upgrade_socket: Option<PathBuf>,
+    /// [`Builder::upgrade_from`].
+    upgrade_from: Option<PathBuf>,
+    /// [`Builder::sd_notify`].
+    sd_notify: bool,
+}
+
+/// Where the server listens on TCP.
 #[derive(Debug)]
 enum Listen {
     /// [`Builder::bind`] and [`Builder::port`].
@@ -274,25 +292,25 @@ impl<H, S> Builder<H, S> {
     /// The IP address to listen on. Default `127.0.0.1`; `0.0.0.0` listens on every
     /// IPv4 interface, `::` on every IPv6 one.
     pub fn bind(mut self, ip: impl Into<IpAddr>) -> Self {
-        let port = match self.listen {
-            Listen::Ip { port, .. } => port,
+        let port = match self.listen.tcp {
+            Some(Listen::Ip { port, .. }) => port,
             _ => DEFAULT_PORT,
         };
-        self.listen = Listen::Ip {
+        self.listen.tcp = Some(Listen::Ip {
             ip: ip.into(),
             port,
-        };
+        });
         self
     }
 
     /// The port to listen on. Default 7000; 0 picks a free port, which
     /// [`ServerHandle::local_addr`] reports.
     pub fn port(mut self, port: u16) -> Self {
-        let ip = match self.listen {
-            Listen::Ip { ip, .. } => ip,
+        let ip = match self.listen.tcp {
+            Some(Listen::Ip { ip, .. }) => ip,
             _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
-        self.listen = Listen::Ip { ip, port };
+        self.listen.tcp = Some(Listen::Ip { ip, port });
         self
     }
 
@@ -313,7 +331,7 @@ impl<H, S> Builder<H, S> {
     /// # }
     /// ```
     pub fn address(mut self, address: impl Into<String>) -> Self {
-        self.listen = Listen::Text(address.into());
+        self.listen.tcp = Some(Listen::Text(address.into()));
         self
     }
 
@@ -323,7 +341,97 @@ impl<H, S> Builder<H, S> {
     /// from it. Replaces [`bind`](Builder::bind), [`port`](Builder::port) and
     /// [`address`](Builder::address).
     pub fn listener(mut self, listener: std::net::TcpListener) -> Self {
-        self.listen = Listen::Listener(listener);
+        self.listen.tcp = Some(Listen::Listener(listener));
+        self
+    }
+
+    /// Listens on a Unix-domain socket at `path` too; repeat it for several. Given
+    /// without a TCP address ([`bind`](Builder::bind), [`port`](Builder::port),
+    /// [`address`](Builder::address), [`listener`](Builder::listener)), the server
+    /// listens on its Unix sockets only. A socket file left by a server that is gone is
+    /// replaced; one a server listens on fails at start ([`Error::Unix`], "in use"), as
+    /// does any other file in the way. The file is removed when the server stops (not
+    /// when it hands over to a successor). Peers are
+    /// [`Address::Unix`]`(None)`, shown as `unix`; their credentials are
+    /// [`Ctx::peer_credentials`](crate::Ctx::peer_credentials).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = std::env::temp_dir().join(format!("linedancer-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let server = linedancer::Server::builder()
+    ///     .unix(dir.join("echo.sock"))
+    ///     .protocol::<linedancer::examples::Echo>()
+    ///     .start()
+    ///     .await?;
+    /// let mut client = tokio::net::UnixStream::connect(dir.join("echo.sock")).await?;
+    /// # drop(client);
+    /// server.shutdown().await;
+    /// assert!(!dir.join("echo.sock").exists());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn unix(mut self, path: impl Into<PathBuf>) -> Self {
+        self.listen.unix.push(path.into());
+        self
+    }
+
+    /// The permissions of the Unix socket files the server makes, such as `0o660` to
+    /// let a proxy of the same group connect (connecting takes write permission). Set
+    /// before the socket listens. Default: as the process's umask leaves them (`0o755`
+    /// with the usual umask 022: only the owner can connect).
+    pub fn unix_mode(mut self, mode: u32) -> Self {
+        self.listen.unix_mode = Some(mode);
+        self
+    }
+
+    /// Adopts the listening sockets a supervisor passed to the process (systemd's socket
+    /// activation: `LISTEN_FDS` descriptors from 3 on, when `LISTEN_PID` is this
+    /// process), instead of binding any TCP or Unix address of the builder. Each must be
+    /// a listening TCP or Unix stream socket, or [`start`](Builder::start) fails naming
+    /// it ([`Error::Activation`]). Without the variables, the builder's addresses are
+    /// bound as usual. The sockets are adopted once per process.
+    pub fn socket_activation(mut self) -> Self {
+        self.listen.activation = true;
+        self
+    }
+
+    /// Listens on a Unix socket at `path` (mode 0600) for a successor: a new server
+    /// started with [`upgrade_from`](Builder::upgrade_from) the same path receives
+    /// every listening socket of this one, and starts accepting on them; then this one
+    /// stops accepting and drains, as in [`ServerHandle::shutdown`], and
+    /// [`ServerHandle::handed_over`] completes. Until the successor says it is ready,
+    /// this server accepts as before, and goes on if the successor fails. Only a peer
+    /// of the same user (or root) is answered.
+    pub fn upgrade_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.listen.upgrade_socket = Some(path.into());
+        self
+    }
+
+    /// Takes over from the running server whose [`upgrade_socket`](Builder::upgrade_socket)
+    /// is `path`: its listening sockets are adopted instead of binding the same
+    /// addresses (an address of this builder that it does not have is bound; a socket
+    /// it has that this builder does not name is closed). No connection is refused
+    /// during the swap: both servers hold the same sockets until the old one stops
+    /// accepting, once this one accepts.
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Builder::start) fails with [`Error::Upgrade`] when no server answers
+    /// at `path`, or what it sends is not a linedancer server's sockets; the old server
+    /// goes on serving.
+    pub fn upgrade_from(mut self, path: impl Into<PathBuf>) -> Self {
+        self.listen.upgrade_from = Some(path.into());
+        self
+    }
+
+    /// Tells a supervisor that listens on `NOTIFY_SOCKET` (systemd, for a
+    /// `Type=notify` service) `READY=1` and `MAINPID` once the server accepts, and
+    /// `STOPPING=1` when it begins to drain (not when it hands over to a successor,
+    /// which says `READY=1` with its own `MAINPID`). Nothing without `NOTIFY_SOCKET`.
+    pub fn sd_notify(mut self) -> Self {
+        self.listen.sd_notify = true;
         self
     }
 
@@ -529,8 +637,8 @@ impl<H, S> Builder<H, S> {
 }
 
 impl<H: Service> Builder<H> {
-    /// Binds the listening socket and starts accepting, in tasks on the current tokio
-    /// runtime.
+    /// Binds the listening sockets (or adopts them: socket activation, an upgrade) and
+    /// starts accepting, in tasks on the current tokio runtime.
     ///
     /// # Errors
     ///
@@ -538,49 +646,101 @@ impl<H: Service> Builder<H> {
     /// file that cannot be used, [`Error::Address`] for an
     /// [`address`](Builder::address) that is not `host:port` or does not resolve,
     /// [`Error::Bind`] when the address cannot be listened on (in use, not local,
-    /// privileged port).
+    /// privileged port), [`Error::Unix`] for a Unix socket, [`Error::Activation`] for
+    /// sockets passed by a supervisor that are not listening sockets,
+    /// [`Error::Upgrade`] when the server to take over from does not answer.
     pub async fn start(self) -> Result<ServerHandle<H::Message>, Error> {
         let settings = self.settings;
         settings.check()?;
         let front = self.transport.front(&settings)?;
+        let sd_notify = self.listen.sd_notify;
+        let opened = self.listen.open(&settings).await?;
         let connections = Connections::new(settings.max_connections, settings.limits);
         let service = Arc::new(self.handler);
         let gate = Arc::new(Gate::default());
         let acceptors = TaskTracker::new();
-        let sockets = match self.listen {
-            Listen::Ip { ip, port } => Sockets::Bind(SocketAddr::new(ip, port)),
-            Listen::Text(text) => Sockets::Bind(resolve(text).await?),
-            Listen::Listener(listener) => Sockets::Given(listener),
-        };
-        let local_addr = match settings.threading {
+        let addresses: Vec<Address> = opened
+            .groups
+            .iter()
+            .map(|group| group[0].1.clone())
+            .collect();
+        let started = match settings.threading {
             Threading::Shared => {
-                let (tcp, local_addr) = sockets.open(1, &settings)?.remove(0);
-                let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|source| Error::Bind {
-                    addr: local_addr,
-                    source,
-                })?;
-                acceptors.spawn(listener::accept_loop(
-                    tcp,
-                    Arc::clone(&connections),
-                    Arc::clone(&service),
-                    front.clone(),
-                    Arc::clone(&gate),
-                ));
-                local_addr
+                (opened.groups.iter().flatten()).try_for_each(|(socket, address)| {
+                    let acceptor = (socket.try_clone())
+                        .and_then(Listening::into_acceptor)
+                        .map_err(|e| listen_error(address, e))?;
+                    acceptors.spawn(listener::accept_loop(
+                        acceptor,
+                        Arc::clone(&connections),
+                        Arc::clone(&service),
+                        front.clone(),
+                        Arc::clone(&gate),
+                    ));
+                    Ok(())
+                })
             }
             Threading::PerCore(threads) => {
-                let sockets = sockets.open(threads, &settings)?;
-                let started =
-                    start_per_core(sockets, &connections, &service, &front, &gate, &acceptors)
-                        .await;
-                if started.is_err() {
-                    // Threads already running see this and end.
-                    gate.stop();
-                }
-                started?
+                let per_thread = spread(&opened.groups, threads)?;
+                start_per_core(
+                    per_thread,
+                    &connections,
+                    &service,
+                    &front,
+                    &gate,
+                    &acceptors,
+                )
+                .await
             }
         };
-        info!(%local_addr, "listening");
+        if let Err(e) = started {
+            // Accept loops already running see this and end.
+            gate.stop();
+            return Err(e);
+        }
+        for address in &addresses {
+            info!(%address, "listening");
+        }
+        // One handle on each listening socket, to hand to a successor.
+        let handover = match &opened.upgrade {
+            None => Vec::new(),
+            Some(_) => opened
+                .groups
+                .into_iter()
+                .flatten()
+                .map(|(socket, _)| socket)
+                .collect(),
+        };
+        let handover = Arc::new(Mutex::new(handover));
+        let (handed_over, _) = watch::channel(false);
+        if let Some(upgrade) = opened.upgrade {
+            let upgrade_copy = upgrade.try_clone();
+            let listener = upgrade_copy.and_then(Listening::into_acceptor);
+            let Ok(Acceptor::Unix(listener)) = listener else {
+                gate.stop();
+                return Err(Error::Unix {
+                    path: opened.upgrade_path.unwrap_or_default(),
+                    source: io::Error::other("cannot listen on the upgrade socket"),
+                });
+            };
+            handover.lock().expect("never poisoned").push(upgrade);
+            let (handover, gate, handed_over) = (
+                Arc::clone(&handover),
+                Arc::clone(&gate),
+                handed_over.clone(),
+            );
+            tokio::spawn(async move {
+                if process::serve_successors(listener, &handover, &gate).await {
+                    handed_over.send_replace(true);
+                }
+            });
+        }
+        if let Some(successor) = opened.successor {
+            successor.ready().await;
+        }
+        if sd_notify {
+            process::notify_ready();
+        }
         let spawn: Box<Spawn<H::Message>> = {
             let connections = Arc::clone(&connections);
             Box::new(move |reservation, stream, peer| {
@@ -596,7 +756,8 @@ impl<H: Service> Builder<H> {
         };
         Ok(ServerHandle {
             inner: Arc::new(Inner {
-                local_addr,
+                local_addr: addresses.iter().find_map(Address::ip),
+                addresses,
                 connections,
                 gate,
                 acceptors,
@@ -604,9 +765,180 @@ impl<H: Service> Builder<H> {
                 front,
                 open_at_shutdown: OnceLock::new(),
                 spawn,
+                files: opened.files,
+                handover,
+                handed_over,
+                sd_notify,
             }),
         })
     }
+}
+
+/// The error of a listening socket at `address` that cannot be used.
+fn listen_error(address: &Address, source: io::Error) -> Error {
+    match address {
+        Address::Ip(addr) => Error::Bind {
+            addr: *addr,
+            source,
+        },
+        Address::Unix(path) => Error::Unix {
+            path: path.as_deref().map(Path::to_owned).unwrap_or_default(),
+            source,
+        },
+        Address::None => Error::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        },
+    }
+}
+
+/// A server's listening sockets, once bound or adopted.
+#[derive(Default)]
+struct Opened {
+    /// The sockets of each address, with the address: several per-core sockets share a
+    /// TCP port.
+    groups: Vec<Vec<(Listening, Address)>>,
+    /// The socket files to remove when the server stops.
+    files: Vec<SocketFile>,
+    /// The socket a successor connects to, and its path.
+    upgrade: Option<Listening>,
+    upgrade_path: Option<PathBuf>,
+    /// The server this one takes over from, to tell once this one accepts.
+    successor: Option<Successor>,
+}
+
+impl Places {
+    /// Binds the listening sockets, or adopts those of socket activation or of the
+    /// server this one takes over from.
+    async fn open(self, settings: &Settings) -> Result<Opened, Error> {
+        let mut opened = Opened::default();
+        let mut inherited = Vec::new();
+        let mut activated = false;
+        if let Some(path) = &self.upgrade_from {
+            let (successor, sockets) = process::take_over(path).await?;
+            opened.successor = Some(successor);
+            for socket in sockets {
+                let address = socket.address().map_err(|e| Error::Upgrade {
+                    path: path.clone(),
+                    reason: format!("cannot read a socket's address: {e}"),
+                })?;
+                keepalive(&socket, settings).map_err(|e| listen_error(&address, e))?;
+                inherited.push((socket, address));
+            }
+        } else if self.activation {
+            let sockets = process::activated()?;
+            activated = !sockets.is_empty();
+            for socket in sockets {
+                let address = socket.address().map_err(|e| Error::Activation {
+                    reason: format!("cannot read a passed socket's address: {e}"),
+                })?;
+                keepalive(&socket, settings).map_err(|e| listen_error(&address, e))?;
+                opened.groups.push(vec![(socket, address)]);
+            }
+        }
+        let tcp = match self.tcp {
+            _ if activated => None,
+            None if !self.unix.is_empty() => None,
+            None => Some(Listen::Ip {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: DEFAULT_PORT,
+            }),
+            given => given,
+        };
+        if let Some(listen) = tcp {
+            let sockets = match listen {
+                Listen::Ip { ip, port } => Sockets::Bind(SocketAddr::new(ip, port)),
+                Listen::Text(text) => Sockets::Bind(resolve(text).await?),
+                Listen::Listener(listener) => Sockets::Given(listener),
+            };
+            let taken = match &sockets {
+                Sockets::Bind(addr) => take(&mut inherited, &Address::Ip(*addr)),
+                Sockets::Given(_) => Vec::new(),
+            };
+            let group = if taken.is_empty() {
+                sockets.open(settings)?
+            } else {
+                taken
+            };
+            opened.groups.push(group);
+        }
+        let unix_paths = if activated { Vec::new() } else { self.unix };
+        for path in unix_paths {
+            let (socket, file) =
+                unix_socket(&path, &mut inherited, settings.backlog, self.unix_mode)?;
+            opened.files.push(file);
+            opened.groups.push(vec![socket]);
+        }
+        if let Some(path) = self.upgrade_socket {
+            let ((socket, _), file) = unix_socket(&path, &mut inherited, 16, Some(0o600))?;
+            opened.files.push(file);
+            opened.upgrade = Some(socket);
+            opened.upgrade_path = Some(path);
+        }
+        for (_, address) in inherited {
+            warn!(%address, "the old server's socket is not in this one's configuration: closed");
+        }
+        Ok(opened)
+    }
+}
+
+/// The listening socket at `path`: the one `inherited` has for it, else bound.
+fn unix_socket(
+    path: &Path,
+    inherited: &mut Vec<(Listening, Address)>,
+    backlog: u32,
+    mode: Option<u32>,
+) -> Result<((Listening, Address), SocketFile), Error> {
+    let unix_error = |source| Error::Unix {
+        path: path.to_owned(),
+        source,
+    };
+    // The address a socket reports is the path it was bound with: bound absolute, it
+    // is found again by a successor started elsewhere.
+    let path = std::path::absolute(path).map_err(unix_error)?;
+    let address = Address::Unix(Some(Arc::from(path.as_path())));
+    if let Some(socket) = take(inherited, &address).pop() {
+        let file = SocketFile::of(&path).map_err(unix_error)?;
+        return Ok((socket, file));
+    }
+    let (socket, file) = listener::bind_unix(&path, backlog, mode).map_err(unix_error)?;
+    Ok(((Listening::Unix(socket), address), file))
+}
+
+/// Takes the sockets of `inherited` that listen on `address`.
+fn take(inherited: &mut Vec<(Listening, Address)>, address: &Address) -> Vec<(Listening, Address)> {
+    let (taken, others) = std::mem::take(inherited)
+        .into_iter()
+        .partition(|(_, at)| at == address);
+    *inherited = others;
+    taken
+}
+
+/// Sets TCP keepalive on a listening TCP socket.
+fn keepalive(socket: &Listening, settings: &Settings) -> io::Result<()> {
+    match socket {
+        Listening::Tcp(socket) => listener::set_keepalive(socket, settings.tcp_keepalive),
+        Listening::Unix(_) => Ok(()),
+    }
+}
+
+/// Gives every thread its listening sockets: a thread per socket where an address has
+/// one per thread, every thread a handle on the socket where it has one, and round
+/// the threads where the counts differ (sockets taken over from a server with another
+/// number of threads), so that every socket is accepted from.
+fn spread(
+    groups: &[Vec<(Listening, Address)>],
+    threads: usize,
+) -> Result<Vec<Vec<Listening>>, Error> {
+    let mut per_thread: Vec<Vec<Listening>> = (0..threads).map(|_| Vec::new()).collect();
+    for group in groups {
+        for turn in 0..threads.max(group.len()) {
+            let (socket, address) = &group[turn % group.len()];
+            let handle = socket.try_clone().map_err(|e| listen_error(address, e))?;
+            per_thread[turn % threads].push(handle);
+        }
+    }
+    Ok(per_thread)
 }
 
 /// Resolves [`Builder::address`] text to its first address.
@@ -623,24 +955,25 @@ async fn resolve(text: String) -> Result<SocketAddr, Error> {
     })
 }
 
-/// The listening sockets to make: bound here, or the one the user gave.
+/// The TCP listening sockets to make: bound here, or the one the user gave.
 enum Sockets {
     Bind(SocketAddr),
     Given(std::net::TcpListener),
 }
 
 impl Sockets {
-    /// Makes `count` listening sockets, each with the address it listens on: several
-    /// bound ones share their port (`SO_REUSEPORT`), a given one is shared by cloning.
-    fn open(
-        self,
-        count: usize,
-        settings: &Settings,
-    ) -> Result<Vec<(std::net::TcpListener, SocketAddr)>, Error> {
+    /// Makes the listening sockets, each with the address it listens on: one per
+    /// thread with [`Threading::PerCore`], sharing their port (`SO_REUSEPORT`), else
+    /// one; a given socket is the only one, whose handles the threads share.
+    fn open(self, settings: &Settings) -> Result<Vec<(Listening, Address)>, Error> {
         let (backlog, keepalive) = (settings.backlog, settings.tcp_keepalive);
         match self {
             Sockets::Bind(addr) => {
                 let bind_error = |source| Error::Bind { addr, source };
+                let count = match settings.threading {
+                    Threading::PerCore(threads) => threads,
+                    Threading::Shared => 1,
+                };
                 let reuse_port = count > 1;
                 // With several, a free port is settled first (0 picks one); then every
                 // socket joins it.
@@ -654,7 +987,7 @@ impl Sockets {
                         let socket = listener::bind(addr, backlog, reuse_port)?;
                         listener::set_keepalive(&socket, keepalive)?;
                         let local_addr = socket.local_addr()?;
-                        Ok((socket, local_addr))
+                        Ok((Listening::Tcp(socket), Address::Ip(local_addr)))
                     })
                     .collect::<io::Result<Vec<_>>>()
                     .map_err(bind_error)
@@ -670,30 +1003,28 @@ impl Sockets {
                 };
                 socket.set_nonblocking(true).map_err(given_error)?;
                 listener::set_keepalive(&socket, keepalive).map_err(given_error)?;
-                let mut sockets = Vec::with_capacity(count);
-                for _ in 1..count {
-                    sockets.push((socket.try_clone().map_err(given_error)?, local_addr));
-                }
-                sockets.push((socket, local_addr));
-                Ok(sockets)
+                Ok(vec![(Listening::Tcp(socket), Address::Ip(local_addr))])
             }
         }
     }
 }
 
-/// Starts one thread per socket, each with a single-threaded runtime running an accept
-/// loop on it, and returns the address they share once every one is accepting.
+/// Starts one thread per entry of `per_thread`, each with a single-threaded runtime
+/// running an accept loop on each of its sockets, and returns once every one is
+/// accepting.
 async fn start_per_core<H: Service>(
-    sockets: Vec<(std::net::TcpListener, SocketAddr)>,
+    per_thread: Vec<Vec<Listening>>,
     connections: &Arc<Connections<H::Message>>,
     handler: &Arc<H>,
     front: &Option<Arc<Front>>,
     gate: &Arc<Gate>,
     acceptors: &TaskTracker,
-) -> Result<SocketAddr, Error> {
-    let addr = sockets[0].1;
-    let bind_error = |source| Error::Bind { addr, source };
-    for (index, (socket, _)) in sockets.into_iter().enumerate() {
+) -> Result<(), Error> {
+    let thread_error = |source| Error::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    };
+    for (index, sockets) in per_thread.into_iter().enumerate() {
         let (ready, started) = tokio::sync::oneshot::channel();
         let (connections, handler) = (Arc::clone(connections), Arc::clone(handler));
         let (gate, acceptors, front) = (Arc::clone(gate), acceptors.clone(), front.clone());
@@ -704,22 +1035,28 @@ async fn start_per_core<H: Service>(
                 .build()
             {
                 Ok(runtime) => runtime,
-                Err(e) => return drop(ready.send(Err(e))),
+                Err(e) => return drop(ready.send(Err(thread_error(e)))),
             };
             // Runs this thread's connections until the server has stopped and every
             // connection has ended.
             runtime.block_on(async {
-                let tcp = match tokio::net::TcpListener::from_std(socket) {
-                    Ok(tcp) => tcp,
-                    Err(e) => return drop(ready.send(Err(e))),
-                };
-                acceptors.spawn(listener::accept_loop(
-                    tcp,
-                    Arc::clone(&connections),
-                    handler,
-                    front,
-                    Arc::clone(&gate),
-                ));
+                for socket in sockets {
+                    let address = socket.address();
+                    let acceptor = match socket.into_acceptor() {
+                        Ok(acceptor) => acceptor,
+                        Err(e) => {
+                            let address = address.unwrap_or(Address::None);
+                            return drop(ready.send(Err(listen_error(&address, e))));
+                        }
+                    };
+                    acceptors.spawn(listener::accept_loop(
+                        acceptor,
+                        Arc::clone(&connections),
+                        Arc::clone(&handler),
+                        front.clone(),
+                        Arc::clone(&gate),
+                    ));
+                }
                 let _ = ready.send(Ok(()));
                 gate.stopped().await;
                 connections.wait_all().await;
@@ -728,18 +1065,17 @@ async fn start_per_core<H: Service>(
         std::thread::Builder::new()
             .name(format!("linedancer-{index}"))
             .spawn(thread)
-            .map_err(bind_error)?;
+            .map_err(thread_error)?;
         match started.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(bind_error(e)),
+            Ok(started) => started?,
             Err(_) => {
-                return Err(bind_error(std::io::Error::other(
+                return Err(thread_error(io::Error::other(
                     "server thread ended at start",
                 )))
             }
         }
     }
-    Ok(addr)
+    Ok(())
 }
 
 /// Spawns a connection task serving a stream handed to [`ServerHandle::serve`].
@@ -767,14 +1103,17 @@ impl<M> Clone for ServerHandle<M> {
 impl<M> std::fmt::Debug for ServerHandle<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
-            .field("local_addr", &self.inner.local_addr)
+            .field("addresses", &self.inner.addresses)
             .field("connections", &self.inner.connections)
             .finish_non_exhaustive()
     }
 }
 
 struct Inner<M> {
-    local_addr: SocketAddr,
+    /// The first TCP address.
+    local_addr: Option<SocketAddr>,
+    /// Every address listened on.
+    addresses: Vec<Address>,
     connections: Arc<Connections<M>>,
     /// Suspends, resumes and stops the acceptors.
     gate: Arc<Gate>,
@@ -789,6 +1128,15 @@ struct Inner<M> {
     open_at_shutdown: OnceLock<usize>,
     /// Serves the streams handed to [`ServerHandle::serve`].
     spawn: Box<Spawn<M>>,
+    /// The Unix socket files made by the server, removed when it stops.
+    files: Vec<SocketFile>,
+    /// A handle on every listening socket, for a successor; closed on shutdown, so
+    /// that the sockets close with the accept loops.
+    handover: Arc<Mutex<Vec<Listening>>>,
+    /// Whether a successor took the listening sockets over.
+    handed_over: watch::Sender<bool>,
+    /// [`Builder::sd_notify`].
+    sd_notify: bool,
 }
 
 /// What a graceful shutdown did.
@@ -801,9 +1149,33 @@ pub struct ShutdownReport {
 }
 
 impl<M: Send + 'static> ServerHandle<M> {
-    /// The address the server listens on, with the real port when 0 was asked for.
+    /// The TCP address the server listens on, with the real port when 0 was asked
+    /// for (the first, when socket activation passed several).
+    ///
+    /// # Panics
+    ///
+    /// On a server that listens on no TCP address (Unix sockets only); see
+    /// [`addresses`](ServerHandle::addresses).
     pub fn local_addr(&self) -> SocketAddr {
-        self.inner.local_addr
+        self.inner
+            .local_addr
+            .expect("the server listens on no TCP address: see ServerHandle::addresses")
+    }
+
+    /// Every address the server listens on: TCP (`127.0.0.1:7000`) and Unix
+    /// (`unix:/run/app.sock`), in the order they were opened.
+    pub fn addresses(&self) -> &[Address] {
+        &self.inner.addresses
+    }
+
+    /// Completes when a successor has taken over the listening sockets
+    /// ([`Builder::upgrade_socket`]) and accepts on them: the server should then shut
+    /// down, which [`run_until_signal`](ServerHandle::run_until_signal) does. Never
+    /// completes on a server without an upgrade socket.
+    pub async fn handed_over(&self) {
+        let mut handed_over = self.inner.handed_over.subscribe();
+        // The sender lives as long as `self`.
+        let _ = handed_over.wait_for(|handed| *handed).await;
     }
 
     /// The number of live connections.
@@ -969,7 +1341,7 @@ impl<M: Send + 'static> ServerHandle<M> {
     /// ignores its SYNs and the client retries until its own connect timeout).
     pub fn suspend(&self) {
         if self.inner.gate.suspend() {
-            info!(local_addr = %self.inner.local_addr, "accepting suspended");
+            info!("accepting suspended");
         }
     }
 
@@ -977,7 +1349,7 @@ impl<M: Send + 'static> ServerHandle<M> {
     /// the backlog are served first.
     pub fn resume(&self) {
         if self.inner.gate.resume() {
-            info!(local_addr = %self.inner.local_addr, "accepting resumed");
+            info!("accepting resumed");
         }
     }
 
@@ -1005,12 +1377,18 @@ impl<M: Send + 'static> ServerHandle<M> {
         inner.acceptors.close();
         inner.acceptors.wait().await;
         let open = *inner.open_at_shutdown.get_or_init(|| {
+            inner.handover.lock().expect("never poisoned").clear();
+            // After a hand-over the files and the service are the successor's.
+            if !*inner.handed_over.borrow() {
+                for file in &inner.files {
+                    file.remove();
+                }
+                if inner.sd_notify {
+                    process::notify_stopping();
+                }
+            }
             let open = inner.connections.count();
-            info!(
-                local_addr = %inner.local_addr,
-                connections = open,
-                "listener closed, draining"
-            );
+            info!(connections = open, "listener closed, draining");
             open
         });
         inner.connections.drain_all();
@@ -1027,7 +1405,6 @@ impl<M: Send + 'static> ServerHandle<M> {
             force_closed,
         };
         info!(
-            local_addr = %inner.local_addr,
             drained = report.drained,
             force_closed = report.force_closed,
             "server stopped"
@@ -1067,16 +1444,26 @@ impl<M: Send + 'static> ServerHandle<M> {
         let mut signals = Signals::new().map_err(Error::Signals)?;
         let server = self.clone();
         Ok(async move {
-            while signals.next().await == Got::Hangup {
+            loop {
+                let got = tokio::select! {
+                    got = signals.next() => got,
+                    () = server.handed_over() => {
+                        info!("handed over to a successor, shutting down; a signal closes every connection at once");
+                        break;
+                    }
+                };
+                if got == Got::Stop {
+                    info!(
+                        "signal received, shutting down; a second signal closes every connection at once"
+                    );
+                    break;
+                }
                 match server.reload_tls() {
                     Ok(0) => info!("SIGHUP: no TLS certificate files to reload"),
                     Ok(count) => info!(certificates = count, "SIGHUP: TLS certificates reloaded"),
                     Err(e) => warn!("SIGHUP: {e}; keeping the certificates in use"),
                 }
             }
-            info!(
-                "signal received, shutting down; a second signal closes every connection at once"
-            );
             tokio::select! {
                 report = server.shutdown() => report,
                 _ = signals.stop() => {

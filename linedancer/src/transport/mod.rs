@@ -11,14 +11,17 @@ pub(crate) mod proxy;
 pub(crate) mod tls;
 
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 
@@ -75,13 +78,17 @@ pub(crate) struct TlsSettings {
 impl ProxySettings {
     /// Reads the PROXY header of a connection from `peer`: refused at once from an
     /// untrusted peer, and when not complete within the timeout.
-    pub(crate) async fn read(
+    /// A peer on a Unix socket is local, and trusted: the socket file's permissions
+    /// say who may connect.
+    pub(crate) async fn read<S: Peek>(
         &self,
-        stream: &mut TcpStream,
-        peer: SocketAddr,
+        stream: &mut S,
+        peer: &Address,
     ) -> Result<ProxyHeader, CloseReason> {
-        if !proxy::trusts(&self.trusted, &peer) {
-            return Err(CloseReason::ProxyHeader(ProxyError::Untrusted));
+        if let Address::Ip(peer) = peer {
+            if !proxy::trusts(&self.trusted, peer) {
+                return Err(CloseReason::ProxyHeader(ProxyError::Untrusted));
+            }
         }
         match tokio::time::timeout(self.timeout, proxy::read_header(stream)).await {
             Ok(header) => header.map_err(CloseReason::ProxyHeader),
@@ -92,10 +99,10 @@ impl ProxySettings {
 
 impl TlsSettings {
     /// Does the TLS handshake, within the timeout.
-    pub(crate) async fn handshake(
+    pub(crate) async fn handshake<S: Stream>(
         &self,
-        stream: TcpStream,
-    ) -> Result<(TlsStream<TcpStream>, TlsInfo), CloseReason> {
+        stream: S,
+    ) -> Result<(TlsStream<S>, TlsInfo), CloseReason> {
         let accept = self.tls.acceptor.accept(stream);
         match tokio::time::timeout(self.timeout, accept).await {
             Ok(Ok(stream)) => {
@@ -118,6 +125,75 @@ impl TlsSettings {
 pub(crate) struct TransportInfo {
     pub(crate) tls: Option<TlsInfo>,
     pub(crate) proxy: Option<ProxyHeader>,
+    /// The peer process, on a Unix socket.
+    pub(crate) credentials: Option<PeerCredentials>,
+}
+
+/// The process at the other end of a Unix-socket connection, as the kernel saw it
+/// when it connected (`SO_PEERCRED`): who it runs as, and which it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id.
+    pub gid: u32,
+    /// Its process id, where the kernel tells it (Linux does).
+    pub pid: Option<i32>,
+}
+
+impl From<tokio::net::unix::UCred> for PeerCredentials {
+    fn from(cred: tokio::net::unix::UCred) -> Self {
+        PeerCredentials {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        }
+    }
+}
+
+/// A socket whose waiting input can be looked at without being taken, so that the
+/// PROXY header is read without a byte past it.
+pub(crate) trait Peek: Stream {
+    /// Waits for input, and copies what has arrived into `buf`, leaving it in the
+    /// socket; 0 when the peer has closed.
+    fn peek<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+impl Peek for TcpStream {
+    fn peek<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        TcpStream::peek(self, buf)
+    }
+}
+
+impl Peek for UnixStream {
+    async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            let peeked = self.try_io(Interest::READABLE, || {
+                // SAFETY: `buf` is valid for writes of its length, and the kernel
+                // writes at most that many bytes.
+                let n = unsafe {
+                    libc::recv(
+                        self.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_PEEK,
+                    )
+                };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match peeked {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                peeked => return peeked,
+            }
+        }
+    }
 }
 
 /// Where one end of a connection is: an IP address and port, a Unix socket, or nowhere

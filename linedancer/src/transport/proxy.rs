@@ -16,11 +16,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 use crate::close::ProxyError;
 use crate::error::Error;
-use crate::transport::Address;
+use crate::transport::{Address, Peek};
 
 /// The v2 signature, its first 12 bytes.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -425,7 +424,7 @@ fn unix_address(field: &[u8; 108]) -> Address {
 /// at what has arrived, and reads only what belongs to the header, so bytes the peer
 /// sent after it (in the same packet or not) stay in the socket for the protocol.
 /// Waits as long as it takes: the caller bounds it with the header timeout.
-pub(crate) async fn read_header(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyError> {
+pub(crate) async fn read_header<S: Peek>(stream: &mut S) -> Result<ProxyHeader, ProxyError> {
     let io_error = |e: std::io::Error| ProxyError::Io(e.to_string());
     // Large enough for any header accepted; only the header's bytes are taken from it.
     let mut buf = vec![0; MAX_V2_HEADER];
