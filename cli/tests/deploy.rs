@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -139,6 +139,22 @@ async fn socket_activation_and_readiness() {
     assert_eq!(exit_code(&mut server).await, 0);
 }
 
+/// Ensure a passed Unix socket is served too, and its file left to the supervisor.
+#[tokio::test]
+async fn socket_activation_of_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activated.sock");
+    let socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut server = serve_command(activated(&socket, &[])).await;
+    assert_eq!(server.addr, format!("unix:{}", path.display()));
+    let mut client = UnixStream::connect(&path).await.unwrap();
+    echo(&mut client, b"activated over unix").await;
+    drop(client);
+    server.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut server).await, 0);
+    assert!(path.exists(), "the supervisor's file, not the server's");
+}
+
 /// Ensure a passed descriptor that is not a listening socket fails at start, naming it.
 #[tokio::test]
 async fn socket_activation_refuses_what_is_not_listening() {
@@ -227,35 +243,49 @@ async fn upgradable(upgrade: &Path, args: &[&str]) -> Serving {
     serve(&all).await
 }
 
-/// Ensure a server is replaced in place: with clients connecting in a tight loop all
-/// through the swap, none is refused or reset; clients connected before it are served
-/// by the old process until they leave, after which it exits 0; and the new one can
-/// be replaced in turn.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_in_place_refuses_no_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let upgrade = dir.path().join("upgrade.sock");
-    let unix = dir.path().join("echo.sock");
+/// What a swap looked like from the clients' side.
+struct Swap {
+    /// Connections served by the loops in all, and between starting the successor and
+    /// the old process's exit.
+    served: u64,
+    during: u64,
+    /// How long the old process took to exit, from the successor's start.
+    old_exited: Duration,
+    /// The new server, and the arguments that started it.
+    new: Serving,
+}
+
+/// Serves the echo on TCP and a Unix socket in `dir`, with `loops` clients connecting
+/// in a tight loop, and `held` clients connected before the swap (half on each
+/// socket); then starts a successor with `--upgrade`. The held clients go on echoing
+/// with the old process for `hold` after the hand-over, then leave, and it exits 0.
+/// Fails if any connection is refused or reset, or misses its echo.
+async fn swap(dir: &Path, loops: usize, held: usize, hold: Duration) -> Swap {
+    let upgrade = dir.join("upgrade.sock");
+    let unix = dir.join("echo.sock");
     let unix_text = unix.to_str().unwrap();
     let mut old = upgradable(&upgrade, &["--port", "0", "--unix", unix_text]).await;
     let addr = old.addr.clone();
     let port = addr.rsplit_once(':').unwrap().1.to_owned();
     let args = ["--port", port.as_str(), "--unix", unix_text, "--upgrade"];
 
-    let mut before = TcpStream::connect(&addr).await.unwrap();
-    echo(&mut before, b"before\n").await;
-    let mut before_unix = UnixStream::connect(&unix).await.unwrap();
-    echo(&mut before_unix, b"before, unix\n").await;
+    let mut clients = Vec::with_capacity(held);
+    for n in 0..held {
+        let mut stream: Box<dyn Stream> = if n % 2 == 0 {
+            Box::new(TcpStream::connect(&addr).await.unwrap())
+        } else {
+            Box::new(UnixStream::connect(&unix).await.unwrap())
+        };
+        echo(&mut stream, b"before\n").await;
+        clients.push(stream);
+    }
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let loops: Vec<_> = (0..2)
+    let looping: Vec<_> = (0..loops)
         .map(|_| {
-            tokio::spawn(connect_in_a_loop(
-                addr.clone(),
-                Arc::clone(&tally),
-                Arc::clone(&stop),
-            ))
+            let (tally, stop) = (Arc::clone(&tally), Arc::clone(&stop));
+            tokio::spawn(connect_in_a_loop(addr.clone(), tally, stop))
         })
         .collect();
     // Some connections before the swap.
@@ -264,27 +294,35 @@ async fn upgrade_in_place_refuses_no_connection() {
         assert_eq!(tally.errors(), 0);
     }
 
-    let swap = Instant::now();
-    let served_at_swap = tally.served.load(Ordering::Relaxed);
-    let mut new = upgradable(&upgrade, &args).await;
+    let start = Instant::now();
+    let served_at_start = tally.served.load(Ordering::Relaxed);
+    let new = upgradable(&upgrade, &args).await;
     assert_eq!(new.addr, addr);
     old.log
         .wait_for("a successor took the listening sockets")
         .await;
     // The old process serves its own clients while they stay.
-    echo(&mut before, b"during the drain\n").await;
-    echo(&mut before_unix, b"during the drain, unix\n").await;
-    drop((before, before_unix));
+    let until = tokio::time::Instant::now() + hold;
+    loop {
+        for client in &mut clients {
+            echo(client, b"during the drain\n").await;
+        }
+        if tokio::time::Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(clients);
     assert_eq!(exit_code(&mut old).await, 0);
-    let old_exited = swap.elapsed();
-    let served_during_swap = tally.served.load(Ordering::Relaxed) - served_at_swap;
+    let old_exited = start.elapsed();
+    let during = tally.served.load(Ordering::Relaxed) - served_at_start;
     // And some after.
     let served_at_exit = tally.served.load(Ordering::Relaxed);
     while tally.served.load(Ordering::Relaxed) < served_at_exit + 200 {
         tokio::task::yield_now().await;
     }
     stop.store(true, Ordering::Relaxed);
-    for task in loops {
+    for task in looping {
         tokio::time::timeout(TEST_TIMEOUT, task)
             .await
             .unwrap()
@@ -292,21 +330,48 @@ async fn upgrade_in_place_refuses_no_connection() {
     }
     let served = tally.served.load(Ordering::Relaxed);
     eprintln!(
-        "upgrade: {served} connections in all, {served_during_swap} between starting the \
-         successor and the old process's exit ({old_exited:?}); refused {}, reset {}, other \
-         errors {}",
+        "upgrade: {loops} loops, {held} clients held {hold:?}: {served} connections in all, \
+         {during} between starting the successor and the old process's exit after \
+         {old_exited:?}; refused {}, reset {}, other errors {}",
         tally.refused.load(Ordering::Relaxed),
         tally.reset.load(Ordering::Relaxed),
         tally.other.load(Ordering::Relaxed),
     );
     assert_eq!(tally.errors(), 0);
-    assert!(served_during_swap > 0);
+    assert!(during > 0);
     assert!(
         unix.exists() && upgrade.exists(),
         "the files are the new server's"
     );
+    Swap {
+        served,
+        during,
+        old_exited,
+        new,
+    }
+}
+
+/// A stream either kind of client is.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Ensure a server is replaced in place: with clients connecting in a tight loop all
+/// through the swap, none is refused or reset; clients connected before it are served
+/// by the old process until they leave, after which it exits 0; and the new one can
+/// be replaced in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_in_place_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let Swap { mut new, .. } = swap(dir.path(), 2, 2, Duration::ZERO).await;
 
     // The new one hands over in turn.
+    let (upgrade, unix) = (
+        dir.path().join("upgrade.sock"),
+        dir.path().join("echo.sock"),
+    );
+    let port = new.addr.rsplit_once(':').unwrap().1.to_owned();
+    let unix_text = unix.to_str().unwrap();
+    let args = ["--port", port.as_str(), "--unix", unix_text, "--upgrade"];
     let mut third = upgradable(&upgrade, &args).await;
     assert_eq!(exit_code(&mut new).await, 0);
     let mut client = UnixStream::connect(&unix).await.unwrap();
@@ -318,6 +383,19 @@ async fn upgrade_in_place_refuses_no_connection() {
         !unix.exists() && !upgrade.exists(),
         "removed by the last one"
     );
+}
+
+/// The figures of the README and of the closing note: 8 clients connecting in a loop,
+/// and 100 held through a drain of a second. Run it with the release build:
+/// `cargo test --release -p linedancer-cli --test deploy -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a longer run, for the figures"]
+async fn upgrade_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut swapped = swap(dir.path(), 8, 100, Duration::from_secs(1)).await;
+    assert!(swapped.served > swapped.during && swapped.old_exited >= Duration::from_secs(1));
+    swapped.new.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut swapped.new).await, 0);
 }
 
 /// Ensure a successor that fails after taking the sockets (here: a Unix path it cannot
