@@ -181,6 +181,8 @@ struct Tally {
     refused: AtomicU64,
     reset: AtomicU64,
     other: AtomicU64,
+    /// Woken at every connection served.
+    progress: tokio::sync::Notify,
 }
 
 impl Tally {
@@ -189,6 +191,20 @@ impl Tally {
             .iter()
             .map(|count| count.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Waits until `count` connections in all have been served; fails on an error.
+    async fn served(&self, count: u64) {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            assert_eq!(self.errors(), 0);
+            if self.served.load(Ordering::Relaxed) >= count {
+                return;
+            }
+            progress.await;
+        }
     }
 }
 
@@ -224,6 +240,7 @@ async fn connect_in_a_loop(addr: String, tally: Arc<Tally>, stop: Arc<AtomicBool
         match exchanged.await {
             Ok(()) if &reply == b"ping\n" => {
                 tally.served.fetch_add(1, Ordering::Relaxed);
+                tally.progress.notify_waiters();
             }
             Ok(()) => count(std::io::Error::other("wrong echo")),
             Err(e) => count(e),
@@ -289,10 +306,7 @@ async fn swap(dir: &Path, loops: usize, held: usize, hold: Duration) -> Swap {
         })
         .collect();
     // Some connections before the swap.
-    while tally.served.load(Ordering::Relaxed) < 200 {
-        tokio::task::yield_now().await;
-        assert_eq!(tally.errors(), 0);
-    }
+    tally.served(200).await;
 
     let start = Instant::now();
     let served_at_start = tally.served.load(Ordering::Relaxed);
@@ -318,9 +332,7 @@ async fn swap(dir: &Path, loops: usize, held: usize, hold: Duration) -> Swap {
     let during = tally.served.load(Ordering::Relaxed) - served_at_start;
     // And some after.
     let served_at_exit = tally.served.load(Ordering::Relaxed);
-    while tally.served.load(Ordering::Relaxed) < served_at_exit + 200 {
-        tokio::task::yield_now().await;
-    }
+    tally.served(served_at_exit + 200).await;
     stop.store(true, Ordering::Relaxed);
     for task in looping {
         tokio::time::timeout(TEST_TIMEOUT, task)
@@ -362,7 +374,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_in_place_refuses_no_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let Swap { mut new, .. } = swap(dir.path(), 2, 2, Duration::ZERO).await;
+    let swapped = tokio::time::timeout(TEST_TIMEOUT, swap(dir.path(), 2, 2, Duration::ZERO));
+    let Swap { mut new, .. } = swapped.await.expect("the swap took too long");
 
     // The new one hands over in turn.
     let (upgrade, unix) = (
@@ -392,7 +405,8 @@ async fn upgrade_in_place_refuses_no_connection() {
 #[ignore = "a longer run, for the figures"]
 async fn upgrade_under_load() {
     let dir = tempfile::tempdir().unwrap();
-    let mut swapped = swap(dir.path(), 8, 100, Duration::from_secs(1)).await;
+    let swapped = swap(dir.path(), 8, 100, Duration::from_secs(1));
+    let mut swapped = (tokio::time::timeout(TEST_TIMEOUT, swapped).await).expect("too long");
     assert!(swapped.served > swapped.during && swapped.old_exited >= Duration::from_secs(1));
     swapped.new.signal(libc::SIGTERM);
     assert_eq!(exit_code(&mut swapped.new).await, 0);
