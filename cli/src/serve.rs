@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use linedancer::admin::{Admin, AlarmSettings, Alarms};
 use linedancer::examples::kv::Db;
 use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, LoginTimeout, Rooms};
 use linedancer::{ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig};
@@ -52,6 +53,29 @@ pub struct ServeArgs {
     /// --upgrade-socket, instead of binding them: no connection is refused meanwhile.
     #[arg(long, requires = "upgrade_socket")]
     upgrade: bool,
+    /// Serve the admin endpoint on this address (HOST:PORT): Prometheus /metrics, the
+    /// live view at /, /connections, /health, POST /drain. Off by default; an address
+    /// other than loopback needs --admin-token-file.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// A file holding the token every admin request must carry
+    /// (`Authorization: Bearer TOKEN`).
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    admin_token_file: Option<PathBuf>,
+    /// Alarm when open connections reach this fraction of --max-connections (0.9: 90%)
+    /// for --alarm-hold.
+    #[arg(long, value_name = "FRACTION")]
+    alarm_connections: Option<f64>,
+    /// Alarm when failed accepts reach this many per second for --alarm-hold.
+    #[arg(long, value_name = "PER_SECOND")]
+    alarm_accept_errors: Option<f64>,
+    /// Alarm when connections closed for a full mailbox reach this many per second for
+    /// --alarm-hold.
+    #[arg(long, value_name = "PER_SECOND")]
+    alarm_mailbox_overflows: Option<f64>,
+    /// How long a threshold must hold before its alarm fires.
+    #[arg(long, default_value = "30s", value_name = "D")]
+    alarm_hold: humantime::Duration,
     /// How connections are spread over threads. The command runs per-core by default,
     /// as it owns the process; the library's default is to run on the caller's runtime
     /// (work-stealing here).
@@ -201,6 +225,22 @@ pub enum ServeError {
     /// `--proxy-from` without `--proxy-protocol`.
     #[error("--proxy-from {0} needs --proxy-protocol")]
     ProxyFromWithoutProxy(String),
+    /// `--admin` is not HOST:PORT, or cannot be listened on.
+    #[error("cannot serve the admin endpoint on {addr}: {reason}")]
+    Admin {
+        /// The value given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The `--admin-token-file` cannot be read, or is empty.
+    #[error("invalid --admin-token-file {path}: {reason}", path = path.display())]
+    AdminToken {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The tokio runtime could not be built.
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
@@ -304,19 +344,23 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     } else if let Some(network) = args.proxy_from.first() {
         return Err(ServeError::ProxyFromWithoutProxy(network.clone()));
     }
+    let watch = Watch::from_args(&args)?;
     match args.protocol.as_str() {
-        "echo" => until_signal(builder.protocol::<Echo>()).await,
+        "echo" => until_signal(builder.protocol::<Echo>(), watch).await,
         "handshake" => {
             let settings = Arc::new(login_timeout);
-            until_signal(builder.state(settings).protocol::<Handshake>()).await
+            until_signal(builder.state(settings).protocol::<Handshake>(), watch).await
         }
-        "line-echo" => until_signal(builder.protocol::<LineEcho>()).await,
+        "line-echo" => until_signal(builder.protocol::<LineEcho>(), watch).await,
         "chat" => {
             let rooms = Arc::new(Rooms::default());
-            until_signal(builder.state(rooms).protocol::<Chat>()).await
+            until_signal(builder.state(rooms).protocol::<Chat>(), watch).await
         }
-        "gateway" => until_signal(builder.handler(gateway(&args.upstreams).await?)).await,
-        "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>()).await,
+        "gateway" => {
+            let gateway = gateway(&args.upstreams).await?;
+            until_signal(builder.handler(gateway), watch).await
+        }
+        "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>(), watch).await,
         _ => Err(ServeError::UnknownProtocol(args.protocol)),
     }
 }
@@ -389,13 +433,92 @@ fn listen_address(bind: &str, port: Option<u16>) -> Result<String, ServeError> {
     }
 }
 
+/// The admin endpoint and the alarms, as the flags ask for them.
+struct Watch {
+    /// The admin endpoint's address, and its token.
+    admin: Option<(String, Option<String>)>,
+    alarms: AlarmSettings,
+}
+
+impl Watch {
+    fn from_args(args: &ServeArgs) -> Result<Watch, ServeError> {
+        let token = match &args.admin_token_file {
+            None => None,
+            Some(path) => {
+                let bad = |reason: String| ServeError::AdminToken {
+                    path: path.clone(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(bad("the file is empty".into()));
+                }
+                Some(token.to_owned())
+            }
+        };
+        let mut alarms = AlarmSettings::default().hold(*args.alarm_hold);
+        alarms.connections = args.alarm_connections;
+        alarms.accept_errors_per_second = args.alarm_accept_errors;
+        alarms.mailbox_overflows_per_second = args.alarm_mailbox_overflows;
+        Ok(Watch {
+            admin: args.admin.clone().map(|addr| (addr, token)),
+            alarms,
+        })
+    }
+
+    /// Starts the alarms and the admin endpoint for `server`; returns the endpoint's
+    /// address.
+    async fn start<M: Send + 'static>(
+        self,
+        server: &ServerHandle<M>,
+    ) -> Result<Option<std::net::SocketAddr>, ServeError> {
+        let any_alarm = self.alarms.connections.is_some()
+            || self.alarms.accept_errors_per_second.is_some()
+            || self.alarms.mailbox_overflows_per_second.is_some();
+        // The alarms log when they fire and clear; nothing more to do here.
+        let alarms = match any_alarm {
+            true => Some(Alarms::watch(server, self.alarms, |_| {})?),
+            false => None,
+        };
+        let Some((addr, token)) = self.admin else {
+            return Ok(None);
+        };
+        let failed = |reason: String| ServeError::Admin {
+            addr: addr.clone(),
+            reason,
+        };
+        let listener = tokio::net::TcpListener::bind(addr.as_str())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut admin = Admin::new(server);
+        if let Some(token) = token {
+            admin = admin.token(token);
+        }
+        if let Some(alarms) = &alarms {
+            admin = admin.alarms(alarms);
+        }
+        let local = listener.local_addr().map_err(|e| failed(e.to_string()))?;
+        let serving = admin.serve(listener).map_err(|e| failed(e.to_string()))?;
+        tokio::spawn(serving);
+        Ok(Some(local))
+    }
+}
+
 /// Starts the server, says where it listens, serves until a signal, and logs what the
 /// shutdown did and the final counters.
-async fn until_signal<H: Service>(builder: linedancer::Builder<H>) -> Result<(), ServeError> {
+async fn until_signal<H: Service>(
+    builder: linedancer::Builder<H>,
+    watch: Watch,
+) -> Result<(), ServeError> {
     let server: ServerHandle<H::Message> = builder.start().await?;
     let stopped = server.run_until_signal()?;
+    let admin = watch.start(&server).await?;
     for address in server.addresses() {
         eprintln!("listening on {address}");
+    }
+    if let Some(admin) = admin {
+        eprintln!("admin on http://{admin}");
     }
     let report = stopped.await;
     info!(

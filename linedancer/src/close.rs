@@ -58,6 +58,10 @@ pub enum CloseReason {
     /// ([`Builder::proxy_protocol`](crate::Builder::proxy_protocol)); the protocol
     /// never saw the connection.
     ProxyHeader(ProxyError),
+    /// Closed from outside, one connection
+    /// ([`ServerHandle::close_connection`](crate::ServerHandle::close_connection), the
+    /// admin endpoint's `DELETE /connections/{id}`).
+    Kicked,
 }
 
 /// Why a TLS handshake failed, as counted in
@@ -191,6 +195,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
             CloseReason::TlsHandshake(e) => write!(f, "tls handshake failed: {e}"),
             CloseReason::ProxyHeader(e) => write!(f, "proxy header: {e}"),
+            CloseReason::Kicked => f.write_str("closed by admin"),
         }
     }
 }

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn};
 
 use crate::close::CloseReason;
-use crate::stats::{ByteCounts, Bytes, Counters, Stats};
+use crate::stats::{AcceptError, Counters, Stats, Traffic, TrafficCounts};
 use crate::transport::proxy::ProxyHeader;
 use crate::transport::tls::TlsInfo;
 use crate::transport::{Address, PeerCredentials, TransportInfo};
@@ -141,10 +141,14 @@ impl<M> Connection<M> {
     /// increments), for [`Stats`] and connection listings. The protocol driver does
     /// this itself; a raw handler that wants its bytes counted calls it.
     pub fn record_bytes(&self, bytes_in: u64, bytes_out: u64) {
-        self.shared.bytes.set(Bytes {
-            read: bytes_in,
-            written: bytes_out,
-        });
+        self.shared.bytes.set_bytes(bytes_in, bytes_out);
+    }
+
+    /// Records the traffic so far (totals), and the bytes of replies waiting to be
+    /// written: the protocol driver's counts.
+    pub(crate) fn record_traffic(&self, traffic: Traffic, queued: usize) {
+        self.shared.bytes.set(traffic);
+        self.shared.bytes.set_queued(queued);
     }
 
     /// Records why the connection is ending, for the log and [`Stats`]; the protocol
@@ -186,14 +190,16 @@ impl<M> Connection<M> {
         registered: &mut Option<Waker>,
     ) -> Poll<Event> {
         let mask = if drain {
-            DRAIN | ABORT | MAIL | OVERFLOW
+            DRAIN | ABORT | MAIL | OVERFLOW | KICK
         } else {
-            ABORT | MAIL | OVERFLOW
+            ABORT | MAIL | OVERFLOW | KICK
         };
         let signal = &self.shared.signal;
         signal.poll_registered(cx, mask, registered).map(|raised| {
             if raised & ABORT != 0 {
                 Event::Abort
+            } else if raised & KICK != 0 {
+                Event::Kick
             } else if raised & OVERFLOW != 0 {
                 Event::Overflow
             } else if raised & DRAIN != 0 {
@@ -240,6 +246,8 @@ pub(crate) enum Event {
     Abort,
     /// Close: more messages were sent than the mailbox holds.
     Overflow,
+    /// Close: asked from outside ([`Connections::kick`]).
+    Kick,
     /// Finish: a graceful shutdown has begun.
     Drain,
     /// Messages wait in the mailbox.
@@ -264,6 +272,24 @@ pub struct ConnectionInfo {
     pub bytes_in: u64,
     /// Bytes written to the peer so far (by the protocol driver).
     pub bytes_out: u64,
+    /// Frames decoded so far (by the protocol driver).
+    pub frames_in: u64,
+    /// Replies encoded so far (by the protocol driver).
+    pub replies_out: u64,
+    /// Bytes of replies waiting to be written: a peer that reads slowly has many.
+    pub output_queued: u64,
+    /// Messages waiting in its mailbox.
+    pub mailbox: usize,
+    /// The address it connected to: which of the server's listeners.
+    pub local_addr: Address,
+}
+
+/// How many live connections are in each protocol state (`""` for raw handlers), and
+/// on each listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Census {
+    pub(crate) states: HashMap<&'static str, usize>,
+    pub(crate) listeners: Vec<(Address, usize)>,
 }
 
 /// Why a message could not be sent.
@@ -308,7 +334,9 @@ pub struct Limits {
 #[repr(C)]
 struct Shared<M> {
     signal: Signal,
-    bytes: ByteCounts,
+    bytes: TrafficCounts,
+    /// The listener's address.
+    local_addr: Address,
     /// Set by the protocol driver as the connection ends.
     reason: Mutex<Option<CloseReason>>,
     /// Messages not yet taken by the connection's task; no allocation while empty.
@@ -344,16 +372,26 @@ impl<M> Shared<M> {
     }
 
     fn info(&self, id: ConnectionId) -> ConnectionInfo {
-        let bytes = self.bytes.get();
+        let traffic = self.bytes.get();
         ConnectionInfo {
             id,
             peer_addr: self.peer().clone(),
             state: *lock(&self.state),
             since: self.since,
-            bytes_in: bytes.read,
-            bytes_out: bytes.written,
+            bytes_in: traffic.read,
+            bytes_out: traffic.written,
+            frames_in: traffic.frames,
+            replies_out: traffic.replies,
+            output_queued: self.bytes.queued(),
+            mailbox: lock(&self.mailbox).len(),
+            local_addr: self.local_addr.clone(),
         }
     }
+}
+
+/// How long a connection opened at `since` has lived.
+fn lifetime(since: SystemTime) -> Duration {
+    since.elapsed().unwrap_or_default()
 }
 
 /// How long a connection has to close after the drain timeout before its task is ended.
@@ -367,6 +405,8 @@ const ABORT: u8 = 2;
 const MAIL: u8 = 4;
 /// [`Signal`] bit: a message found the mailbox full.
 const OVERFLOW: u8 = 8;
+/// [`Signal`] bit: closed from outside ([`Connections::kick`]).
+const KICK: u8 = 16;
 
 /// How the server tells one connection to drain or to close. Its task polls it on
 /// every wake-up, so it costs an atomic load, not a lock: a cancellation token's
@@ -579,9 +619,11 @@ impl<M> Drop for Slot<M> {
             }
         }
         let reason = self.reason.take().unwrap_or(CloseReason::Shutdown);
-        connections
-            .counters
-            .closed(&reason, self.shared.bytes.get());
+        connections.counters.closed(
+            &reason,
+            self.shared.bytes.get(),
+            lifetime(self.shared.since),
+        );
         connections.count.add(-1);
         if let Some(permit) = self.permit.take() {
             connections.release(permit);
@@ -743,7 +785,8 @@ impl<M> Connections<M> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
             signal: Signal::default(),
-            bytes: ByteCounts::default(),
+            bytes: TrafficCounts::default(),
+            local_addr: local_addr.clone(),
             reason: Mutex::new(None),
             mailbox: Mutex::new(VecDeque::new()),
             peer_addr: peer_addr.clone(),
@@ -814,13 +857,18 @@ impl<M> Connections<M> {
     }
 
     /// Counts a failed `accept()`.
-    pub(crate) fn accept_error(&self) {
-        self.counters.accept_error();
+    pub(crate) fn accept_error(&self, class: AcceptError) {
+        self.counters.accept_error(class);
+    }
+
+    /// Counts a connection accepted at the connection limit.
+    pub(crate) fn limit_wait(&self) {
+        self.counters.limit_wait();
     }
 
     /// The server's counters now.
     pub(crate) fn stats(&self) -> Stats {
-        let mut live = Bytes::default();
+        let mut live = Traffic::default();
         for connection in self.live().values() {
             live += connection.shared.bytes.get();
         }
@@ -926,6 +974,53 @@ impl<M> Connections<M> {
             .collect();
         list.sort_unstable_by_key(|info| info.id);
         list
+    }
+
+    /// Closes connection `id` from outside: the protocol driver closes it at once
+    /// (its protocol's `closed` is called); a raw handler that has not returned a
+    /// second later has its task ended. Returns whether it was open.
+    pub(crate) fn kick(self: &Arc<Self>, id: ConnectionId) -> bool
+    where
+        M: Send + 'static,
+    {
+        let live = self.live();
+        let Some(connection) = live.get(&id) else {
+            return false;
+        };
+        *lock(&connection.shared.reason) = Some(CloseReason::Kicked);
+        connection.shared.signal.raise(KICK);
+        if let Some(task) = connection.task.clone() {
+            let connections = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(ABORT_GRACE).await;
+                let open = connections
+                    .upgrade()
+                    .is_some_and(|c| c.live().contains_key(&id));
+                if open {
+                    task.abort();
+                }
+            });
+        }
+        true
+    }
+
+    /// How many live connections are in each protocol state, and on each listener.
+    pub(crate) fn census(&self) -> Census {
+        let mut census = Census::default();
+        for connection in self.live().values() {
+            let state = *lock(&connection.shared.state);
+            *census.states.entry(state).or_default() += 1;
+            let listener = &connection.shared.local_addr;
+            match census
+                .listeners
+                .iter_mut()
+                .find(|(addr, _)| addr == listener)
+            {
+                Some((_, count)) => *count += 1,
+                None => census.listeners.push((listener.clone(), 1)),
+            }
+        }
+        census
     }
 
     /// Tells every connection that a graceful shutdown has begun.

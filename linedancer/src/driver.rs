@@ -27,7 +27,7 @@ use crate::close::CloseReason;
 use crate::connections::{Connection, Event, Limits};
 use crate::handler::{sealed, Service};
 use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
-use crate::stats::Bytes;
+use crate::stats::Traffic;
 use crate::transport::{self, Stream};
 
 /// Bytes reserved in the read buffer before each read.
@@ -112,7 +112,7 @@ struct Serving<P: Protocol<S>, S, T> {
     // The waker registered for events, so that it is not registered on every
     // wake-up.
     registered: Option<Waker>,
-    bytes: Bytes,
+    bytes: Traffic,
     // The state name last recorded.
     state: &'static str,
     // Replies wait to be written, or were written and are not yet flushed (TLS).
@@ -197,7 +197,7 @@ where
             .map(|after| (Box::pin(sleep(after)), Instant::now()));
         let served = Serving {
             registered: None,
-            bytes: Bytes::default(),
+            bytes: Traffic::default(),
             state,
             unflushed: false,
             draining: false,
@@ -380,7 +380,7 @@ where
                 Poll::Ready(Ok(n)) => {
                     if n > 0 {
                         self.bytes.read += n as u64;
-                        self.conn.record_bytes(self.bytes.read, self.bytes.written);
+                        self.record_traffic();
                         if let Some((_, last_input)) = &mut self.idle {
                             *last_input = Instant::now();
                         }
@@ -473,6 +473,7 @@ where
         match event {
             Event::Abort => return Err(CloseReason::Shutdown),
             Event::Overflow => return Err(CloseReason::MailboxOverflow),
+            Event::Kick => return Err(CloseReason::Kicked),
             Event::Drain => {
                 self.draining = true;
                 self.session.shutdown();
@@ -549,8 +550,19 @@ where
     fn count_written(&mut self, written: usize) {
         if written > 0 {
             self.bytes.written += written as u64;
-            self.conn.record_bytes(self.bytes.read, self.bytes.written);
+            self.record_traffic();
         }
+    }
+
+    /// Records the traffic so far, and the replies still waiting, for the counters and
+    /// the connection list.
+    fn record_traffic(&self) {
+        let traffic = Traffic {
+            frames: self.session.frames(),
+            replies: self.session.replies(),
+            ..self.bytes
+        };
+        self.conn.record_traffic(traffic, self.session.output.len());
     }
 
     /// Shuts our side, then discards what the peer still sends until it closes, the
@@ -592,6 +604,7 @@ where
         }
         self.session.input.clear();
         self.session.output.clear();
+        self.record_traffic();
         buffers::recycle(&mut self.session.input, 0);
         buffers::recycle(&mut self.session.output, 0);
         let (reason, effects) = self.session.finish(cut);

@@ -159,6 +159,7 @@
 //!   [`Handler`].
 #![deny(missing_docs)]
 
+pub mod admin;
 mod close;
 pub mod codec;
 mod connections;
@@ -189,7 +190,9 @@ pub use server::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_OUTPUT, DEFAULT_PORT, DEFAULT_SEND_TIMEOUT,
     DEFAULT_TCP_KEEPALIVE,
 };
-pub use stats::{ClosedCounts, Stats, TlsFailureCounts};
+pub use stats::{
+    AcceptErrorCounts, ClosedCounts, Lifetimes, Stats, TlsFailureCounts, LIFETIME_BUCKETS,
+};
 pub use transport::proxy::{
     ProxyHeader, ProxyProtocol, ProxySsl, DEFAULT_PROXY_HEADER_TIMEOUT, MAX_V1_HEADER,
     MAX_V2_HEADER,

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use crate::close::CloseReason;
 use crate::connections::{Connection, Connections, Reservation};
 use crate::handler::Service;
+use crate::stats::AcceptError;
 use crate::transport::{Address, Front, Peek, PeerCredentials, TransportInfo};
 
 /// How long the acceptor pauses after an error that says the process or the system is
@@ -315,6 +316,10 @@ impl Gate {
         self.changed.notify_waiters();
     }
 
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STOPPED
+    }
+
     pub(crate) fn is_suspended(&self) -> bool {
         self.state.load(Ordering::Acquire) == SUSPENDED
     }
@@ -395,12 +400,15 @@ pub(crate) async fn accept_loop<H: Service>(
                     // listening sockets or from a stream handed to the server.
                     let reservation = match connections.try_reserve() {
                         Some(reservation) => reservation,
-                        None => tokio::select! {
-                            biased;
-                            // Never served: closed with the listener.
-                            () = gate.stopped() => return,
-                            reservation = connections.reserve() => reservation,
-                        },
+                        None => {
+                            connections.limit_wait();
+                            tokio::select! {
+                                biased;
+                                // Never served: closed with the listener.
+                                () = gate.stopped() => return,
+                                reservation = connections.reserve() => reservation,
+                            }
+                        }
                     };
                     ACCEPTED.with(|accepted| accepted.set(accepted.get() + 1));
                     let opened = match accepted {
@@ -424,8 +432,9 @@ pub(crate) async fn accept_loop<H: Service>(
                     }
                 }
                 Err(e) => {
-                    connections.accept_error();
-                    if accept_failed(&e) == AfterError::Backoff {
+                    let class = accept_failed(&e);
+                    connections.accept_error(class);
+                    if class != AcceptError::Connection {
                         tokio::select! {
                             () = &mut changed => break,
                             () = tokio::time::sleep(RESOURCE_BACKOFF) => {}
@@ -597,17 +606,9 @@ pub(crate) fn spin_before_sleep() {
     }
 }
 
-/// What the acceptor does after a failed `accept()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AfterError {
-    /// Accept the next connection at once.
-    Retry,
-    /// Pause, then try again.
-    Backoff,
-}
-
-/// Sorts an accept error, logs it, and says what to do next.
-fn accept_failed(error: &io::Error) -> AfterError {
+/// Sorts an accept error and logs it. After a [`AcceptError::Connection`] the acceptor
+/// accepts the next connection at once; after the others it pauses, then tries again.
+fn accept_failed(error: &io::Error) -> AcceptError {
     match error.raw_os_error() {
         // Out of file descriptors (the process's or the system's), socket buffers or
         // memory: the pending connection stays in the backlog and the next accept would
@@ -615,7 +616,7 @@ fn accept_failed(error: &io::Error) -> AfterError {
         // connections close and free what is missing; retry for as long as it takes.
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
             warn!("accept failed, pausing {RESOURCE_BACKOFF:?}: {error}");
-            AfterError::Backoff
+            AcceptError::Resource
         }
         // That one connection failed before we got it (reset or aborted by the peer,
         // a protocol error, refused by a firewall rule): skip it.
@@ -635,13 +636,13 @@ fn accept_failed(error: &io::Error) -> AfterError {
             | libc::ETIMEDOUT,
         ) => {
             debug!("accept failed for one connection, skipped: {error}");
-            AfterError::Retry
+            AcceptError::Connection
         }
         // Anything else is unexpected: pause as for exhaustion rather than risk
         // spinning on an error that repeats.
         _ => {
             warn!("accept failed, pausing {RESOURCE_BACKOFF:?}: {error}");
-            AfterError::Backoff
+            AcceptError::Other
         }
     }
 }
@@ -655,13 +656,13 @@ mod tests {
         for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
             assert_eq!(
                 accept_failed(&io::Error::from_raw_os_error(errno)),
-                AfterError::Backoff
+                AcceptError::Resource
             );
         }
         for errno in [libc::ECONNABORTED, libc::ECONNRESET, libc::EPROTO] {
             assert_eq!(
                 accept_failed(&io::Error::from_raw_os_error(errno)),
-                AfterError::Retry
+                AcceptError::Connection
             );
         }
     }

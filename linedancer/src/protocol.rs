@@ -213,6 +213,8 @@ pub(crate) struct Asked<M> {
     pub(crate) timer: Option<Timer>,
     pub(crate) close: Option<CloseReason>,
     pub(crate) effects: Vec<Effect<M>>,
+    /// Replies encoded so far, for the counters.
+    pub(crate) replies: u64,
 }
 
 impl<M> Default for Asked<M> {
@@ -221,6 +223,7 @@ impl<M> Default for Asked<M> {
             timer: None,
             close: None,
             effects: Vec::new(),
+            replies: 0,
         }
     }
 }
@@ -251,8 +254,9 @@ impl<P: Protocol<S>, S> Ctx<'_, P, S> {
         if matches!(self.asked.close, Some(CloseReason::BadReply(_))) {
             return;
         }
-        if let Err(e) = self.codec.encode(reply, self.output) {
-            self.asked.close = Some(CloseReason::BadReply(e.to_string()));
+        match self.codec.encode(reply, self.output) {
+            Ok(()) => self.asked.replies += 1,
+            Err(e) => self.asked.close = Some(CloseReason::BadReply(e.to_string())),
         }
     }
 
@@ -498,6 +502,11 @@ impl<P: Protocol<S>, S> Session<P, S> {
     /// Sets the virtual time the callbacks see as [`Ctx::now`].
     pub(crate) fn set_clock(&mut self, now: Instant) {
         self.clock = Some(now);
+    }
+
+    /// Replies encoded so far.
+    pub(crate) fn replies(&self) -> u64 {
+        self.asked.replies
     }
 
     /// The frames decoded so far.

@@ -1303,6 +1303,45 @@ impl<M: Send + 'static> ServerHandle<M> {
         Ok(count)
     }
 
+    /// Closes connection `id` now ([`CloseReason::Kicked`](crate::CloseReason::Kicked)):
+    /// a protocol's connection at once, with its `closed` callback; a raw handler's
+    /// task is ended if it has not returned a second later. Returns whether it was
+    /// open.
+    pub fn close_connection(&self, id: ConnectionId) -> bool {
+        self.inner.connections.kick(id)
+    }
+
+    /// How many live connections are in each protocol state
+    /// ([`Protocol::state_name`](crate::Protocol::state_name); `""` for a raw handler),
+    /// most first.
+    pub fn connections_by_state(&self) -> Vec<(&'static str, usize)> {
+        let mut states: Vec<_> = self.inner.connections.census().states.into_iter().collect();
+        states.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        states
+    }
+
+    /// How many live connections each listener has, in the order of
+    /// [`addresses`](ServerHandle::addresses) (streams handed to
+    /// [`serve`](ServerHandle::serve) count under [`Address::None`]).
+    pub fn connections_by_listener(&self) -> Vec<(Address, usize)> {
+        let census = self.inner.connections.census().listeners;
+        let mut listeners: Vec<(Address, usize)> = (self.inner.addresses.iter())
+            .map(|address| (address.clone(), 0))
+            .collect();
+        for (address, count) in census {
+            match listeners.iter_mut().find(|(at, _)| *at == address) {
+                Some((_, total)) => *total += count,
+                None => listeners.push((address, count)),
+            }
+        }
+        listeners
+    }
+
+    /// Whether the server has begun to shut down (or handed over): it accepts no more.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.gate.is_stopped()
+    }
+
     /// The members of `group`, in id order.
     pub fn group_members(&self, group: &str) -> Vec<ConnectionId> {
         self.inner.connections.members(group)
@@ -1447,6 +1486,11 @@ impl<M: Send + 'static> ServerHandle<M> {
             loop {
                 let got = tokio::select! {
                     got = signals.next() => got,
+                    // Begun elsewhere: the admin endpoint's POST /drain, say.
+                    () = server.inner.gate.stopped() => {
+                        info!("shutdown begun, draining");
+                        break;
+                    }
                     () = server.handed_over() => {
                         info!("handed over to a successor, shutting down; a signal closes every connection at once");
                         break;
