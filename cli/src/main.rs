@@ -5,6 +5,7 @@
 
 mod bench;
 mod serve;
+mod top;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -30,6 +31,9 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Load-test a TCP echo-style server and report its throughput and latency.
     Bench(bench::BenchArgs),
+    /// Watch a running server through its admin endpoint (`serve --admin`): totals,
+    /// rates, states, close reasons and the slowest readers, refreshed every second.
+    Top(top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::main(*args).map_err(|e| e.to_string()),
         Command::Bench(args) => bench::main(args).map_err(|e| e.to_string()),
+        Command::Top(args) => top::main(args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

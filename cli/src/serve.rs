@@ -488,7 +488,18 @@ impl Watch {
             addr: addr.clone(),
             reason,
         };
-        let listener = tokio::net::TcpListener::bind(addr.as_str())
+        let resolved: Vec<std::net::SocketAddr> = (tokio::net::lookup_host(addr.as_str()).await)
+            .map_err(|e| failed(format!("{e} (expected HOST:PORT)")))?
+            .collect();
+        // Checked before binding, so that the endpoint is never open without its token.
+        if token.is_none() && resolved.iter().any(|at| !at.ip().is_loopback()) {
+            return Err(failed(
+                "not a loopback address: the endpoint can close connections and drain the \
+                 server, so it needs --admin-token-file there"
+                    .into(),
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(&resolved[..])
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut admin = Admin::new(server);
