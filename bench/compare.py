@@ -30,6 +30,8 @@ RUST_LOG=warn), so that the comparison is of serving, not of logging.
 
 import argparse
 import json
+import threading
+import urllib.request
 import os
 import shlex
 import shutil
@@ -112,6 +114,9 @@ def run_once(server, scenario, args, certificate):
         command = [BASELINE_TLS if tls else BASELINE, "--port", "0"] + baseline_flags
         command += tls_flags
     process, addr = start_server(command, env)
+    scraping = None
+    if args.scrape and server == "linedancer" and not args.a_a:
+        scraping = Scraper(args.scrape)
     try:
         duration = args.hold if bench_flags[0] == "hold" else args.duration
         bench = [LINEDANCER, "bench", *bench_flags, "--addr", addr, "--json",
@@ -125,7 +130,34 @@ def run_once(server, scenario, args, certificate):
             raise RuntimeError(f"bench failed: {out.stderr.strip()}")
         return json.loads(out.stdout)
     finally:
+        if scraping:
+            scraping.stop()
         stop_server(process)
+
+
+class Scraper(threading.Thread):
+    """GETs `url` once a second until stopped, as Prometheus would; fails the run if a
+    scrape fails."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.done, self.scrapes, self.error = url, threading.Event(), 0, None
+        self.start()
+
+    def run(self):
+        while not self.done.wait(1.0):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    answer.read()
+                self.scrapes += 1
+            except OSError as e:
+                self.error = e
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        if self.error or not self.scrapes:
+            raise RuntimeError(f"scraping {self.url}: {self.error or 'no scrape'}")
 
 
 def spread(values, fmt):
@@ -157,6 +189,10 @@ def main():
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--linedancer-args", default="",
                         help="extra flags for `linedancer serve`")
+    parser.add_argument("--scrape", metavar="URL",
+                        help="GET this URL once a second during linedancer's runs, such as "
+                             "http://127.0.0.1:9100/metrics with --linedancer-args "
+                             "'--admin 127.0.0.1:9100'")
     parser.add_argument("--json", help="also write every run's numbers to this file")
     parser.add_argument("--a-a", action="store_true",
                         help="run the baseline in linedancer's place too (an A/A comparison)")
