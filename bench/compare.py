@@ -30,14 +30,14 @@ RUST_LOG=warn), so that the comparison is of serving, not of logging.
 
 import argparse
 import json
-import threading
-import urllib.request
 import os
 import shlex
 import shutil
 import signal
 import statistics
 import subprocess
+import threading
+import urllib.request
 import sys
 import tempfile
 import time
