@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use linedancer::admin::{Admin, AlarmSettings, Alarms};
 use linedancer::examples::kv::Db;
-use linedancer::examples::{Chat, Echo, Gateway, Handshake, Kv, LineEcho, LoginTimeout, Rooms};
+use linedancer::examples::{
+    Balance, Chat, Echo, Gateway, GatewayStats, Handshake, Kv, LineEcho, LoginTimeout, Rooms,
+};
 use linedancer::{ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig};
 use tracing::info;
 
@@ -27,6 +29,24 @@ pub struct ServeArgs {
     /// several, which clients are sent to in turn.
     #[arg(long = "upstream", value_name = "HOST:PORT")]
     upstreams: Vec<String>,
+    /// For the gateway: how each client's upstream is picked.
+    #[arg(long, value_enum, default_value_t = BalanceArg::RoundRobin)]
+    balance: BalanceArg,
+    /// For the gateway: how long a connect to an upstream may take before the next
+    /// upstream is tried.
+    #[arg(long, default_value_t = linedancer::examples::CONNECT_TIMEOUT.into(), value_name = "D")]
+    connect_timeout: humantime::Duration,
+    /// For the gateway: how often each upstream is checked (a TCP connect, its name
+    /// resolved again); one that fails is taken out until it answers; `off` for none.
+    #[arg(long, default_value = "5s", value_name = "D|off", value_parser = keepalive)]
+    health_interval: Keepalive,
+    /// For the gateway: the most clients relayed to one upstream at once.
+    #[arg(long, value_name = "N")]
+    max_per_upstream: Option<usize>,
+    /// For the gateway: send each upstream a PROXY protocol v2 header with the
+    /// client's address first, as HAProxy's send-proxy-v2 does.
+    #[arg(long)]
+    send_proxy_v2: bool,
     /// The address to listen on: an IP address (127.0.0.1, ::1 or [::1]), localhost,
     /// or HOST:PORT such as [::1]:7000 (then without --port). Default 127.0.0.1,
     /// unless --unix is given alone.
@@ -155,6 +175,24 @@ pub struct ServeArgs {
     proxy_header_timeout: humantime::Duration,
 }
 
+/// `--balance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BalanceArg {
+    /// Each upstream in turn.
+    RoundRobin,
+    /// The upstream with the fewest open connections.
+    LeastConn,
+}
+
+impl From<BalanceArg> for Balance {
+    fn from(balance: BalanceArg) -> Self {
+        match balance {
+            BalanceArg::RoundRobin => Balance::RoundRobin,
+            BalanceArg::LeastConn => Balance::LeastConn,
+        }
+    }
+}
+
 /// The threading models of `--threading`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Model {
@@ -200,6 +238,14 @@ pub enum ServeError {
     UpstreamNotGateway {
         /// The first `--upstream` given.
         upstream: String,
+        /// The protocol asked for.
+        protocol: String,
+    },
+    /// A gateway's flag for another protocol.
+    #[error("{flag} is for the gateway only, not for '{protocol}'")]
+    GatewayFlag {
+        /// The flag.
+        flag: &'static str,
         /// The protocol asked for.
         protocol: String,
     },
@@ -292,6 +338,18 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
             protocol: args.protocol,
         });
     }
+    if args.protocol != "gateway" {
+        let given = [
+            ("--send-proxy-v2", args.send_proxy_v2),
+            ("--max-per-upstream", args.max_per_upstream.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+            return Err(ServeError::GatewayFlag {
+                flag,
+                protocol: args.protocol,
+            });
+        }
+    }
     let login_timeout = match args.login_timeout.map(Duration::from) {
         Some(_) if args.protocol != "handshake" => {
             return Err(ServeError::LoginTimeoutNotHandshake(args.protocol));
@@ -357,7 +415,8 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
             until_signal(builder.state(rooms).protocol::<Chat>(), watch).await
         }
         "gateway" => {
-            let gateway = gateway(&args.upstreams).await?;
+            let gateway = gateway(&args).await?;
+            let watch = watch.collector(gateway.stats());
             until_signal(builder.handler(gateway), watch).await
         }
         "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>(), watch).await,
@@ -438,6 +497,8 @@ struct Watch {
     /// The admin endpoint's address, and its token.
     admin: Option<(String, Option<String>)>,
     alarms: AlarmSettings,
+    /// The gateway's per-upstream metrics.
+    gateway: Option<GatewayStats>,
 }
 
 impl Watch {
@@ -464,7 +525,14 @@ impl Watch {
         Ok(Watch {
             admin: args.admin.clone().map(|addr| (addr, token)),
             alarms,
+            gateway: None,
         })
+    }
+
+    /// Adds the gateway's per-upstream metrics to the endpoint.
+    fn collector(mut self, gateway: GatewayStats) -> Self {
+        self.gateway = Some(gateway);
+        self
     }
 
     /// Starts the alarms and the admin endpoint for `server`; returns the endpoint's
@@ -508,6 +576,9 @@ impl Watch {
         }
         if let Some(alarms) = &alarms {
             admin = admin.alarms(alarms);
+        }
+        if let Some(gateway) = self.gateway {
+            admin = admin.collector(gateway);
         }
         let local = listener.local_addr().map_err(|e| failed(e.to_string()))?;
         let serving = admin.serve(listener).map_err(|e| failed(e.to_string()))?;
@@ -560,24 +631,26 @@ async fn until_signal<H: Service>(
 /// A gateway to `upstreams`, each `HOST:PORT` resolved once, now. A name with several
 /// addresses stands for its first IPv4 one, if it has one: `localhost` is then
 /// 127.0.0.1, where `serve` listens by default, even where it also resolves to ::1.
-async fn gateway(upstreams: &[String]) -> Result<Gateway, ServeError> {
-    if upstreams.is_empty() {
+async fn gateway(args: &ServeArgs) -> Result<Gateway, ServeError> {
+    if args.upstreams.is_empty() {
         return Err(ServeError::NoUpstream);
     }
-    let mut addrs = Vec::with_capacity(upstreams.len());
-    for upstream in upstreams {
-        let bad = |reason| ServeError::BadUpstream {
-            upstream: upstream.clone(),
-            reason,
-        };
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(upstream.as_str())
-            .await
-            .map_err(bad)?
-            .collect();
-        let addr = (resolved.iter().find(|addr| addr.is_ipv4()))
-            .or(resolved.first())
-            .ok_or_else(|| bad(io::Error::other("resolves to no address")))?;
-        addrs.push(*addr);
+    let gateway = Gateway::resolve(&args.upstreams)
+        .await
+        .map_err(|e| match e {
+            linedancer::Error::Address { value, source } => ServeError::BadUpstream {
+                upstream: value,
+                reason: source,
+            },
+            other => ServeError::Start(other),
+        })?;
+    let mut gateway = gateway
+        .balance(args.balance.into())
+        .connect_timeout(*args.connect_timeout)
+        .health_checks(args.health_interval.0)
+        .send_proxy_v2(args.send_proxy_v2);
+    if let Some(max) = args.max_per_upstream {
+        gateway = gateway.max_per_upstream(max);
     }
-    Ok(Gateway::new(addrs)?)
+    Ok(gateway)
 }

@@ -7,15 +7,24 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use common::{bounded, exchange, round_trip, serve};
-use linedancer::examples::{Echo, Gateway};
-use linedancer::{Error, Server, ServerHandle, ShutdownReport};
+use std::time::Duration;
+
+use linedancer::admin::Admin;
+use linedancer::examples::{Balance, Echo, Gateway, GatewayStats};
+use linedancer::{
+    Connection, Error, Handler, ProxyProtocol, Server, ServerHandle, ShutdownReport, Stream,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn gateway(upstreams: Vec<SocketAddr>) -> ServerHandle<Infallible> {
+    start(Gateway::new(upstreams).expect("a gateway")).await
+}
+
+async fn start(gateway: Gateway) -> ServerHandle<Infallible> {
     Server::builder()
         .port(0)
-        .handler(Gateway::new(upstreams).expect("a gateway"))
+        .handler(gateway)
         .start()
         .await
         .expect("start the gateway")
@@ -160,29 +169,203 @@ async fn clients_go_to_the_upstreams_in_turn() {
     .await;
 }
 
-/// Ensure a client sent to an upstream that is down is closed and counted as an i/o
-/// error, and the next client goes to the next upstream and is served.
+/// Ensure a client whose turn falls on an upstream that is down is relayed to the next
+/// one without noticing, the down one is taken out of service (no client tries it
+/// again), and the failure is counted.
 #[tokio::test]
-async fn a_down_upstream_closes_its_client_and_the_next_goes_on() {
+async fn a_down_upstream_is_skipped_and_taken_out() {
     bounded(async {
         let up = serve::<Echo>().await;
-        let gateway = gateway(vec![down_address(), up.local_addr()]).await;
-
-        for round in 1..=2 {
-            let mut unlucky = TcpStream::connect(gateway.local_addr()).await.unwrap();
-            let mut received = Vec::new();
-            // The end of the stream, or a reset: either way, nothing relayed.
-            let _ = unlucky.read_to_end(&mut received).await;
-            assert!(received.is_empty(), "{received:?}");
-            gateway.wait_connections(|n| n == 0).await;
-            assert_eq!(gateway.stats().closed.io, round);
-
-            let mut next = TcpStream::connect(gateway.local_addr()).await.unwrap();
-            assert_eq!(exchange(&mut next, b"anyone home?").await, b"anyone home?");
+        let balancer = Gateway::new(vec![down_address(), up.local_addr()]).unwrap();
+        let stats = balancer.stats();
+        let gateway = start(balancer).await;
+        for round in 1..=4 {
+            let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+            assert_eq!(
+                exchange(&mut client, b"anyone home?").await,
+                b"anyone home?"
+            );
             assert_eq!(up.stats().accepted, round);
         }
+        let upstreams = stats.upstreams();
+        assert_eq!(
+            (
+                upstreams[0].up,
+                upstreams[0].failures,
+                upstreams[0].connections
+            ),
+            (false, 1, 0)
+        );
+        assert_eq!(
+            (
+                upstreams[1].up,
+                upstreams[1].failures,
+                upstreams[1].connections
+            ),
+            (true, 0, 4)
+        );
+        assert_eq!(gateway.stats().closed.io, 0);
         gateway.shutdown().await;
         up.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a client is closed when no upstream answers, and counted as an i/o error.
+#[tokio::test]
+async fn no_upstream_answering_closes_the_client() {
+    bounded(async {
+        let gateway = gateway(vec![down_address(), down_address()]).await;
+        let mut unlucky = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let mut received = Vec::new();
+        // The end of the stream, or a reset: either way, nothing relayed.
+        let _ = unlucky.read_to_end(&mut received).await;
+        assert!(received.is_empty(), "{received:?}");
+        gateway.wait_connections(|n| n == 0).await;
+        assert_eq!(gateway.stats().closed.io, 1);
+        gateway.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure least-connections sends a client to the upstream with the fewest open
+/// connections, and a per-upstream cap closes a client when every upstream is full.
+#[tokio::test]
+async fn least_connections_and_the_cap() {
+    bounded(async {
+        let (first, second) = (serve::<Echo>().await, serve::<Echo>().await);
+        let balancer = Gateway::new(vec![first.local_addr(), second.local_addr()])
+            .unwrap()
+            .balance(Balance::LeastConn)
+            .max_per_upstream(2);
+        let stats = balancer.stats();
+        let gateway = start(balancer).await;
+        let open = |stats: &GatewayStats| -> Vec<usize> {
+            stats
+                .upstreams()
+                .iter()
+                .map(|upstream| upstream.open)
+                .collect()
+        };
+        let mut a = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut a, b"a").await;
+        let mut b = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut b, b"b").await;
+        assert_eq!(open(&stats), [1, 1]);
+        drop(a);
+        first.wait_connections(|n| n == 0).await;
+        gateway.wait_connections(|n| n == 1).await;
+        // The first has none now: the next two go there, whoever's turn it is.
+        let mut c = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut c, b"c").await;
+        let mut d = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut d, b"d").await;
+        let mut e = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut e, b"e").await;
+        assert_eq!(open(&stats), [2, 2]);
+        // Both at the cap of 2: closed unserved.
+        let mut f = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let mut received = Vec::new();
+        let _ = f.read_to_end(&mut received).await;
+        assert!(received.is_empty());
+        assert_eq!(gateway.stats().closed.io, 1);
+        drop((b, c, d, e));
+        gateway.shutdown().await;
+        first.shutdown().await;
+        second.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure health checks take an upstream that stops answering out of service and put
+/// it back once it answers again.
+#[tokio::test]
+async fn health_checks_take_out_and_put_back() {
+    bounded(async {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = serve::<Echo>().await;
+        let balancer = Gateway::new(vec![up.local_addr(), addr])
+            .unwrap()
+            .health_checks(Some(Duration::from_millis(20)));
+        let stats = balancer.stats();
+        let gateway = start(balancer).await;
+        // The first client (its turn on the echo server) starts the checks.
+        let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        exchange(&mut client, b"hi").await;
+        drop(listener);
+        let is_up = |want: bool| {
+            let stats = stats.clone();
+            async move {
+                // Bounded: 500 checks' worth.
+                for _ in 0..500 {
+                    if stats.upstreams()[1].up == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!(
+                    "the upstream never became {}",
+                    if want { "up" } else { "down" }
+                );
+            }
+        };
+        is_up(false).await;
+        let back = Server::builder()
+            .address(addr.to_string())
+            .protocol::<Echo>()
+            .start()
+            .await
+            .unwrap();
+        is_up(true).await;
+        drop(client);
+        gateway.shutdown().await;
+        back.shutdown().await;
+        up.shutdown().await;
+    })
+    .await;
+}
+
+/// Tells its peer the address it sees.
+struct WhoAmI;
+
+impl Handler for WhoAmI {
+    async fn handle<T: Stream>(&self, mut stream: T, conn: Connection) -> std::io::Result<()> {
+        stream
+            .write_all(format!("{}\n", conn.peer_addr()).as_bytes())
+            .await?;
+        stream.shutdown().await
+    }
+}
+
+/// Ensure `send_proxy_v2` passes each client's own address to an upstream that takes
+/// the PROXY protocol, and the per-upstream counters reach the admin metrics.
+#[tokio::test]
+async fn the_clients_address_is_passed_on() {
+    bounded(async {
+        let upstream = Server::builder()
+            .port(0)
+            .proxy_protocol(ProxyProtocol::new())
+            .handler(WhoAmI)
+            .start()
+            .await
+            .unwrap();
+        let balancer = Gateway::new(vec![upstream.local_addr()])
+            .unwrap()
+            .send_proxy_v2(true);
+        let stats = balancer.stats();
+        let gateway = start(balancer).await;
+        let mut client = TcpStream::connect(gateway.local_addr()).await.unwrap();
+        let mut seen = String::new();
+        client.read_to_string(&mut seen).await.unwrap();
+        assert_eq!(seen, format!("{}\n", client.local_addr().unwrap()));
+        let metrics = Admin::new(&gateway).collector(stats).metrics();
+        let name = upstream.local_addr().to_string();
+        let line =
+            format!("linedancer_gateway_upstream_connections_total{{upstream=\"{name}\"}} 1");
+        assert!(metrics.contains(&line), "{metrics}");
+        gateway.shutdown().await;
+        upstream.shutdown().await;
     })
     .await;
 }

@@ -2,6 +2,7 @@
 //! counters when scraped, so that serving does no work for them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -22,14 +23,28 @@ impl fmt::Debug for ServerCollector {
     }
 }
 
-/// The metrics in `snapshot`, in the OpenMetrics text format (which Prometheus reads).
-pub(super) fn encode(snapshot: Snapshot) -> String {
+/// The metrics in `snapshot`, then those of `collectors`, in the OpenMetrics text format
+/// (which Prometheus reads).
+pub(super) fn encode(snapshot: Snapshot, collectors: &[Arc<dyn Collector>]) -> String {
     let mut registry = Registry::with_prefix("linedancer");
     registry.register_collector(Box::new(ServerCollector(snapshot)));
+    for collector in collectors {
+        registry.register_collector(Box::new(Shared(Arc::clone(collector))));
+    }
     let mut text = String::with_capacity(8 * 1024);
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .expect("writing to a String cannot fail");
     text
+}
+
+/// A collector shared between scrapes.
+#[derive(Debug)]
+struct Shared(Arc<dyn Collector>);
+
+impl Collector for Shared {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        self.0.encode(encoder)
+    }
 }
 
 impl Collector for ServerCollector {

@@ -43,6 +43,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -160,6 +161,8 @@ struct Inner {
     /// Requests refused for a missing or wrong token.
     unauthorized: AtomicU64,
     alarms: Option<Alarms>,
+    /// Metrics of the user's own, after the server's.
+    collectors: Vec<Arc<dyn Collector>>,
     started: Instant,
 }
 
@@ -180,6 +183,7 @@ impl Admin {
                 token: None,
                 unauthorized: AtomicU64::new(0),
                 alarms: None,
+                collectors: Vec::new(),
                 started: Instant::now(),
             }),
         }
@@ -198,6 +202,13 @@ impl Admin {
         self.rebuild(|inner| inner.alarms = Some(alarms.clone()))
     }
 
+    /// Adds metrics of your own (a `prometheus-client` collector), read at each scrape
+    /// after the server's, with the same `linedancer_` prefix: such as a gateway's
+    /// per-upstream counters ([`GatewayStats`](crate::examples::GatewayStats)).
+    pub fn collector(self, collector: impl Collector) -> Self {
+        self.rebuild(|inner| inner.collectors.push(Arc::new(collector)))
+    }
+
     fn rebuild(self, change: impl FnOnce(&mut Inner)) -> Self {
         let shared = &self.inner;
         let mut inner = Inner {
@@ -205,6 +216,7 @@ impl Admin {
             token: shared.token.clone(),
             unauthorized: AtomicU64::new(shared.unauthorized.load(Ordering::Relaxed)),
             alarms: shared.alarms.clone(),
+            collectors: shared.collectors.clone(),
             started: shared.started,
         };
         change(&mut inner);
@@ -216,7 +228,7 @@ impl Admin {
     /// The server's metrics now, in the Prometheus (OpenMetrics) text format: what
     /// `GET /metrics` answers.
     pub fn metrics(&self) -> String {
-        metrics::encode(self.inner.snapshot())
+        metrics::encode(self.inner.snapshot(), &self.inner.collectors)
     }
 
     /// Serves the admin endpoint on `listener`, in the returned future, until it is
@@ -351,7 +363,7 @@ impl Inner {
                 page
             }),
             "/metrics" => only(method, &Method::GET).unwrap_or_else(|| {
-                let body = metrics::encode(self.snapshot());
+                let body = metrics::encode(self.snapshot(), &self.collectors);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
                 response

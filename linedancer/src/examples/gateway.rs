@@ -1,33 +1,52 @@
-//! A gateway: every client connection relayed, byte for byte, to an upstream server.
+//! A gateway: a layer-4 load balancer that relays every client connection, byte for
+//! byte, to one of a pool of upstream servers.
 //!
 //! Built on the raw [`Handler`] rather than a [`Protocol`](crate::Protocol): it has no
-//! frames, only two sockets. For each client it connects to the next upstream in turn
-//! (round robin) and hands both sockets to tokio's [`copy_bidirectional`], which moves
-//! bytes both ways and passes a half-close on: when one side stops sending, the other
-//! side's write half is shut down, and the relay ends once both directions have. An
-//! upstream that cannot be reached closes that client, with the reason logged; the
-//! next client goes to the next upstream. When the server shuts down, the relay stops
-//! and both sockets are closed.
+//! frames, only two sockets. For each client it picks an upstream ([`Balance`]: in turn,
+//! or the one with the fewest connections), skipping those at their connection cap and
+//! trying those marked down last; a connect that fails or takes longer than the connect
+//! timeout marks that upstream down and the next one is tried, so the client never sees
+//! the failed one. Health checks (a TCP connect every few seconds, the upstream's host
+//! name resolved again each time) mark upstreams down and up again. Optionally the
+//! upstream first gets a PROXY protocol v2 header with the client's address. Then
+//! tokio's [`copy_bidirectional`] moves bytes both ways and passes a half-close on: when
+//! one side stops sending, the other side's write half is shut down, and the relay ends
+//! once both directions have. When the server shuts down, the relay stops and both
+//! sockets are closed. Per-upstream counters are read through [`GatewayStats`].
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{copy_bidirectional, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::connections::Connection;
 use crate::error::Error;
 use crate::handler::Handler;
-use crate::transport::Stream;
+use crate::transport::{Address, Stream};
 
-/// How long connecting to an upstream may take before the client is closed.
+/// How long connecting to an upstream may take, by default, before the next is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Relays every connection to one of its upstreams, taken in turn, both directions,
-/// until both sides have closed or the server shuts down.
+/// How often upstreams are checked, by default.
+pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How a gateway picks the upstream of each client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest open connections (in turn among equals).
+    LeastConn,
+}
+
+/// Relays every connection to one of its upstreams, both directions, until both sides
+/// have closed or the server shuts down.
 ///
 /// ```
 /// use linedancer::examples::{Echo, Gateway};
@@ -53,19 +72,197 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 #[derive(Debug)]
 pub struct Gateway {
-    upstreams: Vec<SocketAddr>,
-    /// How many clients have been given an upstream: the next one's index, modulo
-    /// the number of upstreams.
+    pool: Arc<Pool>,
+    balance: Balance,
+    connect_timeout: Duration,
+    /// `None`: no active health checks.
+    health_interval: Option<Duration>,
+    max_per_upstream: Option<usize>,
+    send_proxy_v2: bool,
+    /// Started with the first client, on its runtime.
+    health_checks: OnceLock<()>,
+}
+
+/// The upstreams and their counters.
+#[derive(Debug)]
+struct Pool {
+    upstreams: Vec<Upstream>,
+    /// How many clients have been given an upstream: where the next turn starts.
     next: AtomicUsize,
 }
 
+/// One upstream server.
+#[derive(Debug)]
+struct Upstream {
+    /// As given: `HOST:PORT`, resolved again by each health check.
+    name: String,
+    addr: Mutex<SocketAddr>,
+    up: AtomicBool,
+    open: AtomicUsize,
+    connections: AtomicU64,
+    failures: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// One upstream's counters, from [`GatewayStats::upstreams`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpstreamStats {
+    /// As given (`HOST:PORT`).
+    pub name: String,
+    /// The address it last resolved to.
+    pub addr: SocketAddr,
+    /// Whether it is in service (not marked down by a failed connect or health check).
+    pub up: bool,
+    /// Clients relayed to it now.
+    pub open: usize,
+    /// Clients relayed to it in all.
+    pub connections: u64,
+    /// Connects to it that failed or timed out (clients' and health checks').
+    pub failures: u64,
+    /// Bytes relayed to it, from clients whose relay has ended.
+    pub bytes_up: u64,
+    /// Bytes relayed from it, likewise.
+    pub bytes_down: u64,
+}
+
+/// Reads a gateway's per-upstream counters, while the server runs it.
+#[derive(Debug, Clone)]
+pub struct GatewayStats {
+    pool: Arc<Pool>,
+}
+
+/// A metric's name, help and value for one upstream.
+type Family<T> = (&'static str, &'static str, fn(&UpstreamStats) -> T);
+
+impl prometheus_client::collector::Collector for GatewayStats {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::registry::Unit;
+        let upstreams = self.upstreams();
+        let gauges: [Family<i64>; 2] = [
+            (
+                "gateway_upstream_up",
+                "1 while the upstream is in service.",
+                |u| i64::from(u.up),
+            ),
+            (
+                "gateway_upstream_open",
+                "Clients relayed to the upstream now.",
+                |u| u.open as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for upstream in &upstreams {
+                let labels = [("upstream", upstream.name.as_str())];
+                ConstGauge::new(value(upstream)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let counters: [(Option<Unit>, Family<u64>); 4] = [
+            (
+                None,
+                (
+                    "gateway_upstream_connections",
+                    "Clients relayed to the upstream.",
+                    |u| u.connections,
+                ),
+            ),
+            (
+                None,
+                (
+                    "gateway_upstream_failures",
+                    "Connects to the upstream that failed or timed out.",
+                    |u| u.failures,
+                ),
+            ),
+            (
+                Some(Unit::Bytes),
+                (
+                    "gateway_upstream_sent",
+                    "Bytes relayed to the upstream (relays ended).",
+                    |u| u.bytes_up,
+                ),
+            ),
+            (
+                Some(Unit::Bytes),
+                (
+                    "gateway_upstream_received",
+                    "Bytes relayed from the upstream (relays ended).",
+                    |u| u.bytes_down,
+                ),
+            ),
+        ];
+        for (unit, (name, help, value)) in counters {
+            let mut family =
+                encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+            for upstream in &upstreams {
+                let labels = [("upstream", upstream.name.as_str())];
+                ConstCounter::new(value(upstream)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GatewayStats {
+    /// Each upstream's counters, in the order given.
+    pub fn upstreams(&self) -> Vec<UpstreamStats> {
+        (self.pool.upstreams.iter())
+            .map(|upstream| UpstreamStats {
+                name: upstream.name.clone(),
+                addr: upstream.addr(),
+                up: upstream.up.load(Ordering::Relaxed),
+                open: upstream.open.load(Ordering::Relaxed),
+                connections: upstream.connections.load(Ordering::Relaxed),
+                failures: upstream.failures.load(Ordering::Relaxed),
+                bytes_up: upstream.bytes_up.load(Ordering::Relaxed),
+                bytes_down: upstream.bytes_down.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
 impl Gateway {
-    /// A gateway to `upstreams`, used in turn in this order.
+    /// A gateway to `upstreams`, used in turn in this order, with health checks every
+    /// [`HEALTH_CHECK_INTERVAL`] and a [`CONNECT_TIMEOUT`].
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for the setting `upstreams` when the list is empty.
     pub fn new(upstreams: Vec<SocketAddr>) -> Result<Self, Error> {
+        let named = upstreams.into_iter().map(|addr| (addr.to_string(), addr));
+        Gateway::with_names(named.collect())
+    }
+
+    /// A gateway to upstreams given as `HOST:PORT`, resolved now (a name's first IPv4
+    /// address, if it has one: `localhost` is then 127.0.0.1) and again by each health
+    /// check.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the list is empty, [`Error::Address`] for a name that
+    /// does not resolve.
+    pub async fn resolve(upstreams: &[String]) -> Result<Self, Error> {
+        let mut named = Vec::with_capacity(upstreams.len());
+        for name in upstreams {
+            let addr = resolve(name).await.map_err(|source| Error::Address {
+                value: name.clone(),
+                source,
+            })?;
+            named.push((name.clone(), addr));
+        }
+        Gateway::with_names(named)
+    }
+
+    fn with_names(upstreams: Vec<(String, SocketAddr)>) -> Result<Self, Error> {
         if upstreams.is_empty() {
             return Err(Error::Config {
                 setting: "upstreams",
@@ -73,61 +270,286 @@ impl Gateway {
                 reason: "needs at least one upstream",
             });
         }
+        let upstreams = (upstreams.into_iter())
+            .map(|(name, addr)| Upstream {
+                name,
+                addr: Mutex::new(addr),
+                up: AtomicBool::new(true),
+                open: AtomicUsize::new(0),
+                connections: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                bytes_up: AtomicU64::new(0),
+                bytes_down: AtomicU64::new(0),
+            })
+            .collect();
         Ok(Gateway {
-            upstreams,
-            next: AtomicUsize::new(0),
+            pool: Arc::new(Pool {
+                upstreams,
+                next: AtomicUsize::new(0),
+            }),
+            balance: Balance::RoundRobin,
+            connect_timeout: CONNECT_TIMEOUT,
+            health_interval: Some(HEALTH_CHECK_INTERVAL),
+            max_per_upstream: None,
+            send_proxy_v2: false,
+            health_checks: OnceLock::new(),
         })
     }
 
-    /// The upstreams, in the order they are used.
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
+    /// How each client's upstream is picked. Default [`Balance::RoundRobin`].
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// How long a connect to an upstream may take before the next is tried. Default
+    /// [`CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How often every upstream is checked (a TCP connect, its name resolved again):
+    /// one that fails is taken out of service, and put back when it answers; `None`
+    /// for no checks (a failed client connect then takes no upstream out). Default
+    /// `Some(`[`HEALTH_CHECK_INTERVAL`]`)`.
+    pub fn health_checks(mut self, interval: Option<Duration>) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// The most clients relayed to one upstream at once; a client arriving when every
+    /// upstream is at its cap is closed. Default: no cap.
+    pub fn max_per_upstream(mut self, max: usize) -> Self {
+        self.max_per_upstream = Some(max);
+        self
+    }
+
+    /// Sends each upstream a PROXY protocol v2 header first, with the client's address
+    /// (from the gateway's own PROXY header, if it takes one) and the address it
+    /// connected to, as HAProxy's `send-proxy-v2` does.
+    pub fn send_proxy_v2(mut self, send: bool) -> Self {
+        self.send_proxy_v2 = send;
+        self
+    }
+
+    /// The upstreams, in the order they were given, as last resolved.
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.pool.upstreams.iter().map(Upstream::addr).collect()
+    }
+
+    /// A handle on the per-upstream counters, to keep before the gateway is handed to
+    /// the server.
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            pool: Arc::clone(&self.pool),
+        }
+    }
+
+    /// The upstreams to try for one client, best first: in service and under the cap,
+    /// by the balance, then those out of service (a last resort), never one at its cap.
+    fn candidates(&self) -> Vec<&Upstream> {
+        let upstreams = &self.pool.upstreams;
+        let start = self.pool.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<&Upstream> = (0..upstreams.len())
+            .map(|i| &upstreams[(start + i) % upstreams.len()])
+            .filter(|upstream| {
+                self.max_per_upstream
+                    .is_none_or(|max| upstream.open.load(Ordering::Relaxed) < max)
+            })
+            .collect();
+        if self.balance == Balance::LeastConn {
+            // Stable: equals stay in turn.
+            order.sort_by_key(|upstream| upstream.open.load(Ordering::Relaxed));
+        }
+        order.sort_by_key(|upstream| !upstream.up.load(Ordering::Relaxed));
+        order
+    }
+
+    /// Starts the health checks, once, on the runtime of the first client.
+    fn start_health_checks(&self) {
+        let Some(interval) = self.health_interval else {
+            return;
+        };
+        self.health_checks.get_or_init(|| {
+            let pool = Arc::downgrade(&self.pool);
+            tokio::spawn(check_health(pool, interval, self.connect_timeout));
+        });
+    }
+}
+
+impl Upstream {
+    fn addr(&self) -> SocketAddr {
+        *self.addr.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a connect that failed; takes the upstream out of service if `mark`.
+    fn failed(&self, mark: bool, why: &io::Error) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if mark && self.up.swap(false, Ordering::Relaxed) {
+            warn!(upstream = %self.name, error = %why, "upstream down");
+        }
+    }
+
+    /// Records a connect that succeeded (a health check's): back in service.
+    fn answered(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            info!(upstream = %self.name, "upstream up");
+        }
     }
 }
 
 impl Handler for Gateway {
     async fn handle<T: Stream>(&self, mut client: T, conn: Connection) -> io::Result<()> {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let upstream = self.upstreams[turn % self.upstreams.len()];
+        self.start_health_checks();
         tokio::select! {
-            relayed = relay(&mut client, upstream, &conn) => relayed,
+            relayed = self.relay(&mut client, &conn) => relayed,
             // Returning drops both sockets, which closes them.
             () = conn.shutdown_requested() => Ok(()),
         }
     }
 }
 
-/// Connects to `upstream` and relays between it and `client` until both directions
-/// have ended. A connect that fails is logged, and returned as an error that names
-/// the upstream. The bytes relayed are counted once the relay ends.
-async fn relay<T: Stream>(
-    client: &mut T,
-    upstream: SocketAddr,
-    conn: &Connection,
-) -> io::Result<()> {
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream));
-    let connected = connect.await.unwrap_or_else(|_| {
+impl Gateway {
+    /// Connects to the best upstream that answers, and relays between it and `client`
+    /// until both directions have ended.
+    async fn relay<T: Stream>(&self, client: &mut T, conn: &Connection) -> io::Result<()> {
+        let candidates = self.candidates();
+        if candidates.is_empty() {
+            return Err(io::Error::other("every upstream is at its connection cap"));
+        }
+        let mut last_error = None;
+        for upstream in candidates {
+            let addr = upstream.addr();
+            match connect(addr, self.connect_timeout).await {
+                Ok(outbound) => return self.relay_to(upstream, outbound, client, conn).await,
+                Err(e) => {
+                    debug!(upstream = %upstream.name, error = %e, "connect failed; trying the next");
+                    upstream.failed(self.health_interval.is_some(), &e);
+                    last_error = Some(e);
+                }
+            }
+        }
+        let e = last_error.expect("at least one candidate");
+        warn!(error = %e, "no upstream answered");
         Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no connection within {CONNECT_TIMEOUT:?}"),
+            e.kind(),
+            format!("no upstream answered: {e}"),
         ))
-    });
-    let mut outbound = match connected {
-        Ok(outbound) => outbound,
-        Err(e) => {
-            warn!(%upstream, error = %e, "upstream unreachable");
+    }
+
+    async fn relay_to<T: Stream>(
+        &self,
+        upstream: &Upstream,
+        mut outbound: TcpStream,
+        client: &mut T,
+        conn: &Connection,
+    ) -> io::Result<()> {
+        upstream.connections.fetch_add(1, Ordering::Relaxed);
+        upstream.open.fetch_add(1, Ordering::Relaxed);
+        let _open = Open(&upstream.open);
+        if self.send_proxy_v2 {
+            outbound.write_all(&proxy_header(conn)?).await?;
+        }
+        debug!(upstream = %upstream.name, "relaying");
+        let (up, down) = copy_bidirectional(client, &mut outbound).await?;
+        upstream.bytes_up.fetch_add(up, Ordering::Relaxed);
+        upstream.bytes_down.fetch_add(down, Ordering::Relaxed);
+        conn.record_bytes(up, down);
+        debug!(upstream = %upstream.name, bytes_up = up, bytes_down = down, "relay finished");
+        Ok(())
+    }
+}
+
+/// Lowers an upstream's open count when a relay ends, however it ends.
+struct Open<'a>(&'a AtomicUsize);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connects to `addr` within `timeout`, with `TCP_NODELAY`.
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(connected) => connected?,
+        Err(_) => {
             return Err(io::Error::new(
-                e.kind(),
-                format!("upstream {upstream} unreachable: {e}"),
-            ));
+                io::ErrorKind::TimedOut,
+                format!("no connection to {addr} within {timeout:?}"),
+            ))
         }
     };
-    if let Err(e) = outbound.set_nodelay(true) {
-        debug!(%upstream, "cannot set TCP_NODELAY: {e}");
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(%addr, "cannot set TCP_NODELAY: {e}");
     }
-    debug!(%upstream, "relaying");
-    let (up, down) = copy_bidirectional(client, &mut outbound).await?;
-    conn.record_bytes(up, down);
-    debug!(%upstream, bytes_up = up, bytes_down = down, "relay finished");
-    Ok(())
+    Ok(stream)
+}
+
+/// The PROXY v2 header for `conn`: `PROXY` with its client and the address it reached
+/// when both are IP addresses, `LOCAL` otherwise.
+fn proxy_header(conn: &Connection) -> io::Result<Vec<u8>> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let ends = match (conn.peer_addr(), conn.local_addr()) {
+        (Address::Ip(client), Address::Ip(local)) => Some(same_family(*client, *local)),
+        _ => None,
+    };
+    let header = match ends {
+        Some(ends) => {
+            Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, ends)
+        }
+        None => Builder::with_addresses(
+            Version::Two | Command::Local,
+            Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        ),
+    };
+    header.build()
+}
+
+/// Both addresses in one family: IPv4 ones mapped into IPv6 when the other is IPv6.
+fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let v6 = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    };
+    if client.is_ipv4() == local.is_ipv4() {
+        (client, local)
+    } else {
+        (v6(client), v6(local))
+    }
+}
+
+/// Resolves `HOST:PORT` to its first IPv4 address, else its first.
+async fn resolve(name: &str) -> io::Result<SocketAddr> {
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host(name).await?.collect();
+    (resolved.iter().find(|addr| addr.is_ipv4()))
+        .or(resolved.first())
+        .copied()
+        .ok_or_else(|| io::Error::other("resolves to no address"))
+}
+
+/// Checks every upstream every `interval` until the gateway is dropped: resolves its
+/// name again, connects, and puts it in or out of service.
+async fn check_health(pool: Weak<Pool>, interval: Duration, timeout: Duration) {
+    // The first check one interval after the first client, not at once.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        for upstream in &pool.upstreams {
+            match resolve(&upstream.name).await {
+                Ok(addr) => {
+                    *upstream.addr.lock().unwrap_or_else(PoisonError::into_inner) = addr;
+                }
+                Err(e) => debug!(upstream = %upstream.name, "cannot resolve it again: {e}"),
+            }
+            match connect(upstream.addr(), timeout).await {
+                Ok(_) => upstream.answered(),
+                Err(e) => upstream.failed(true, &e),
+            }
+        }
+    }
 }

@@ -6,7 +6,8 @@
 //! - [`LineEcho`] writes back every line: echo with line framing.
 //! - [`Chat`] is a chat server: connections in rooms kept in shared state ([`Rooms`]),
 //!   talking through their mailboxes.
-//! - [`Gateway`] relays every connection to an upstream server: a raw [`Handler`].
+//! - [`Gateway`], a layer-4 load balancer, relays every connection to one of a pool of
+//!   upstream servers: a raw [`Handler`].
 //! - [`kv`] is a Redis-compatible key-value server ([`Kv`]): its own binary-safe codec,
 //!   a store in shared state with expiry, and publish/subscribe on groups.
 //!
@@ -23,7 +24,9 @@ pub use chat::{
     Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_MESSAGE_LENGTH, MAX_NAME_LENGTH, WHO_LIMIT,
 };
 pub use echo::Echo;
-pub use gateway::{Gateway, CONNECT_TIMEOUT};
+pub use gateway::{
+    Balance, Gateway, GatewayStats, UpstreamStats, CONNECT_TIMEOUT, HEALTH_CHECK_INTERVAL,
+};
 pub use handshake::{
     Handshake, HandshakeSettings, LoginTimeout, LOGIN_TIMEOUT, MAX_FAILED_LOGINS, WELCOME,
 };
