@@ -36,11 +36,11 @@ import shutil
 import signal
 import statistics
 import subprocess
-import threading
-import urllib.request
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINEDANCER = os.path.join(ROOT, "target", "release", "linedancer")
