@@ -370,6 +370,79 @@ async fn the_clients_address_is_passed_on() {
     .await;
 }
 
+/// Ensure the server's idle timeout closes a relay where no byte moves either way, and
+/// its send timeout one whose upstream takes none of what the client sends.
+#[tokio::test]
+async fn idle_and_send_timeouts_apply_to_both_sides() {
+    bounded(async {
+        let echo = serve::<Echo>().await;
+        let idle = Server::builder()
+            .port(0)
+            .idle_timeout(Duration::from_millis(200))
+            .handler(Gateway::new(vec![echo.local_addr()]).unwrap())
+            .start()
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(idle.local_addr()).await.unwrap();
+        assert_eq!(
+            exchange(&mut client, b"then silence").await,
+            b"then silence"
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        idle.wait_connections(|n| n == 0).await;
+        assert_eq!(
+            idle.stats().closed.idle_timeout,
+            1,
+            "{}",
+            idle.stats().closed
+        );
+        echo.wait_connections(|n| n == 0).await;
+
+        // An upstream that accepts nothing: its backlog holds the connection, and its
+        // socket buffers fill, then nothing more is taken.
+        let deaf = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let send = Server::builder()
+            .port(0)
+            .send_timeout(Duration::from_millis(300))
+            .handler(
+                Gateway::new(vec![deaf.local_addr().unwrap()])
+                    .unwrap()
+                    .health_checks(None),
+            )
+            .start()
+            .await
+            .unwrap();
+        let client = TcpStream::connect(send.local_addr()).await.unwrap();
+        let (mut reader, mut writer) = client.into_split();
+        let writing = tokio::spawn(async move {
+            let chunk = vec![7; 64 * 1024];
+            // Bounded: far more than every buffer on the way holds.
+            for _ in 0..2048 {
+                if writer.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            panic!("128 MiB went to an upstream that reads nothing");
+        });
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest).await;
+        send.wait_connections(|n| n == 0).await;
+        assert_eq!(
+            send.stats().closed.send_timeout,
+            1,
+            "{}",
+            send.stats().closed
+        );
+        writing.await.unwrap();
+        idle.shutdown().await;
+        send.shutdown().await;
+        echo.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure a gateway shutting down stops relaying at once: a connected client mid-
 /// conversation is closed by the gateway's own handler, so it counts as drained (ended
 /// by itself within the drain timeout), not force-closed, and its upstream connection

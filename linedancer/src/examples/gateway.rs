@@ -11,7 +11,10 @@
 //! upstream first gets a PROXY protocol v2 header with the client's address. Then
 //! tokio's [`copy_bidirectional`] moves bytes both ways and passes a half-close on: when
 //! one side stops sending, the other side's write half is shut down, and the relay ends
-//! once both directions have. When the server shuts down, the relay stops and both
+//! once both directions have. The server's idle timeout (no byte moved either way) and
+//! send timeout (a side that takes none of the bytes waiting for it) apply to both
+//! sides; the relay holds one 8 KiB buffer each way, so what waits for a slow side is
+//! bounded by construction. When the server shuts down, the relay stops and both
 //! sockets are closed. Per-upstream counters are read through [`GatewayStats`].
 
 use std::io;
@@ -20,10 +23,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::io::{copy_bidirectional, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use pin_project_lite::pin_project;
+use tokio::io::{copy_bidirectional, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::close::CloseReason;
 use crate::connections::Connection;
 use crate::error::Error;
 use crate::handler::Handler;
@@ -452,12 +461,140 @@ impl Gateway {
             outbound.write_all(&proxy_header(conn)?).await?;
         }
         debug!(upstream = %upstream.name, "relaying");
-        let (up, down) = copy_bidirectional(client, &mut outbound).await?;
+        let limits = conn.limits();
+        let activity = Activity::new();
+        let mut from = Watched {
+            inner: client,
+            activity: &activity,
+        };
+        let mut to = Watched {
+            inner: &mut outbound,
+            activity: &activity,
+        };
+        let relayed = tokio::select! {
+            relayed = copy_bidirectional(&mut from, &mut to) => relayed,
+            reason = activity.expired(limits.idle_timeout, limits.send_timeout) => {
+                debug!(upstream = %upstream.name, %reason, "relay cut");
+                conn.record_close(reason);
+                return Ok(());
+            }
+        };
+        let (up, down) = relayed?;
         upstream.bytes_up.fetch_add(up, Ordering::Relaxed);
         upstream.bytes_down.fetch_add(down, Ordering::Relaxed);
         conn.record_bytes(up, down);
         debug!(upstream = %upstream.name, bytes_up = up, bytes_down = down, "relay finished");
         Ok(())
+    }
+}
+
+/// When a relay last moved bytes either way, and since when a write to either side has
+/// waited: what the server's idle and send timeouts are measured against.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start`.
+    last_moved: AtomicU64,
+    /// Milliseconds from `start`, plus one; 0 while no write waits.
+    blocked_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_moved: AtomicU64::new(0),
+            blocked_since: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn moved(&self) {
+        self.last_moved.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Completes when no byte has moved for `idle` (if set), or a write has waited for
+    /// `send`, with the reason to close for.
+    async fn expired(&self, idle: Option<Duration>, send: Duration) -> CloseReason {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let now = self.now();
+            if let Some(idle) = idle {
+                if now.saturating_sub(self.last_moved.load(Ordering::Relaxed)) >= millis(idle) {
+                    return CloseReason::IdleTimeout;
+                }
+            }
+            let blocked = self.blocked_since.load(Ordering::Relaxed);
+            if blocked > 0 && now.saturating_sub(blocked - 1) >= millis(send) {
+                return CloseReason::SendTimeout;
+            }
+            // Looked at again well within either timeout.
+            let check = idle.map_or(send, |idle| idle.min(send)) / 4;
+            tokio::time::sleep(check.max(Duration::from_millis(1))).await;
+        }
+    }
+}
+
+pin_project! {
+    /// A relay's socket, telling its [`Activity`] when bytes move and writes wait.
+    struct Watched<'a, S> {
+        #[pin]
+        inner: S,
+        activity: &'a Activity,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = this.inner.poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.moved();
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let written = this.inner.poll_write(cx, data);
+        let activity = this.activity;
+        match &written {
+            Poll::Pending => {
+                let since = activity.now() + 1;
+                let _ = (activity.blocked_since).compare_exchange(
+                    0,
+                    since,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(_) => {
+                activity.blocked_since.store(0, Ordering::Relaxed);
+                activity.moved();
+            }
+        }
+        written
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
