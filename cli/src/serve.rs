@@ -13,7 +13,7 @@ use linedancer::examples::{
     Balance, Chat, Echo, Gateway, GatewayStats, Handshake, Kv, LineEcho, LoginTimeout, Rooms,
 };
 use linedancer::{ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The protocols `serve` knows, by the name given on the command line.
 const PROTOCOLS: &[&str] = &["echo", "handshake", "line-echo", "chat", "gateway", "kv"];
@@ -499,6 +499,9 @@ struct Watch {
     alarms: AlarmSettings,
     /// The gateway's per-upstream metrics.
     gateway: Option<GatewayStats>,
+    /// Whether this server takes over from another (`--upgrade`), which may hold the
+    /// endpoint's address for a moment.
+    upgrading: bool,
 }
 
 impl Watch {
@@ -526,6 +529,7 @@ impl Watch {
             admin: args.admin.clone().map(|addr| (addr, token)),
             alarms,
             gateway: None,
+            upgrading: args.upgrade,
         })
     }
 
@@ -567,9 +571,6 @@ impl Watch {
                     .into(),
             ));
         }
-        let listener = tokio::net::TcpListener::bind(&resolved[..])
-            .await
-            .map_err(|e| failed(e.to_string()))?;
         let mut admin = Admin::new(server);
         if let Some(token) = token {
             admin = admin.token(token);
@@ -580,10 +581,60 @@ impl Watch {
         if let Some(gateway) = self.gateway {
             admin = admin.collector(gateway);
         }
+        let listener = match tokio::net::TcpListener::bind(&resolved[..]).await {
+            Ok(listener) => listener,
+            // The server this one takes over from holds the port until it has handed
+            // over: wait for it, serving meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && self.upgrading => {
+                info!(%addr, "admin endpoint: waiting for the old server to release its address");
+                let (server, first) = (server.clone(), resolved.first().copied());
+                tokio::spawn(async move {
+                    match bind_when_free(&resolved).await {
+                        Ok(listener) => serve_admin(admin, listener, &server).await,
+                        Err(e) => warn!(%addr, "admin endpoint: {e}"),
+                    }
+                });
+                return Ok(first);
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
         let local = listener.local_addr().map_err(|e| failed(e.to_string()))?;
-        let serving = admin.serve(listener).map_err(|e| failed(e.to_string()))?;
-        tokio::spawn(serving);
+        let server = server.clone();
+        tokio::spawn(async move { serve_admin(admin, listener, &server).await });
         Ok(Some(local))
+    }
+}
+
+/// Binds `addrs` once the old server has released them: tries every 50 ms, for at
+/// most a minute.
+async fn bind_when_free(addrs: &[std::net::SocketAddr]) -> io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for _ in 0..1200 {
+        match tokio::net::TcpListener::bind(addrs).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("never free")))
+}
+
+/// Serves `admin` on `listener` until `server` hands over to a successor, which serves
+/// the endpoint on the same address. (The address was checked to be loopback, or to
+/// have a token, before binding.)
+async fn serve_admin<M: Send + 'static>(
+    admin: Admin,
+    listener: tokio::net::TcpListener,
+    server: &ServerHandle<M>,
+) {
+    match admin.serve(listener) {
+        Ok(serving) => {
+            tokio::select! {
+                () = serving => {}
+                () = server.handed_over() => {}
+            }
+        }
+        Err(e) => warn!("admin endpoint: {e}"),
     }
 }
 

@@ -412,6 +412,47 @@ async fn upgrade_under_load() {
     assert_eq!(exit_code(&mut swapped.new).await, 0);
 }
 
+/// Ensure a server with an admin endpoint is replaced in place too: the successor
+/// serves the endpoint on the same address once the old one has handed over.
+#[tokio::test]
+async fn upgrade_with_an_admin_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrade = dir.path().join("upgrade.sock");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut old = upgradable(&upgrade, &["--port", "0", "--admin", &admin]).await;
+    old.log.wait_for("admin endpoint listening").await;
+    let port = old.addr.rsplit_once(':').unwrap().1.to_owned();
+    let args = [
+        "--port",
+        port.as_str(),
+        "--admin",
+        admin.as_str(),
+        "--upgrade",
+    ];
+    let mut new = upgradable(&upgrade, &args).await;
+    assert_eq!(exit_code(&mut old).await, 0);
+    let listening =
+        tokio::time::timeout(TEST_TIMEOUT, new.log.wait_for("admin endpoint listening"));
+    listening.await.expect("the successor's admin endpoint");
+    let mut health = TcpStream::connect(&admin).await.unwrap();
+    health
+        .write_all(b"GET /health HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    health.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("accepting\n"),
+        "{answer}"
+    );
+    new.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut new).await, 0);
+}
+
 /// Ensure a successor that fails after taking the sockets (here: a Unix path it cannot
 /// bind) leaves the old server serving as if nothing happened, and that one started
 /// with no server at the upgrade socket fails with a clear error.
