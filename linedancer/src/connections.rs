@@ -969,11 +969,19 @@ impl<M> Connections<M> {
 
     /// The live connections, in id order.
     pub(crate) fn list(&self) -> Vec<ConnectionInfo> {
-        let mut list: Vec<_> = (self.live().iter())
-            .map(|(id, live)| live.shared.info(*id))
+        let mut list: Vec<_> = (self.snapshot().iter())
+            .map(|(id, shared)| shared.info(*id))
             .collect();
         list.sort_unstable_by_key(|info| info.id);
         list
+    }
+
+    /// The live connections' shared parts, taken under the lock and read after it, so
+    /// that a listing of thousands holds up no connection's opening or closing.
+    fn snapshot(&self) -> Vec<(ConnectionId, Arc<Shared<M>>)> {
+        (self.live().iter())
+            .map(|(id, live)| (*id, Arc::clone(&live.shared)))
+            .collect()
     }
 
     /// Closes connection `id` from outside: the protocol driver closes it at once
@@ -1007,10 +1015,10 @@ impl<M> Connections<M> {
     /// How many live connections are in each protocol state, and on each listener.
     pub(crate) fn census(&self) -> Census {
         let mut census = Census::default();
-        for connection in self.live().values() {
-            let state = *lock(&connection.shared.state);
+        for (_, shared) in self.snapshot() {
+            let state = *lock(&shared.state);
             *census.states.entry(state).or_default() += 1;
-            let listener = &connection.shared.local_addr;
+            let listener = &shared.local_addr;
             match census
                 .listeners
                 .iter_mut()
