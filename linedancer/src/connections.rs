@@ -272,9 +272,10 @@ pub struct ConnectionInfo {
     pub bytes_in: u64,
     /// Bytes written to the peer so far (by the protocol driver).
     pub bytes_out: u64,
-    /// Frames decoded so far (by the protocol driver).
+    /// Frames decoded so far (by the protocol driver), as of its last write or its
+    /// close.
     pub frames_in: u64,
-    /// Replies encoded so far (by the protocol driver).
+    /// Replies encoded so far (by the protocol driver), likewise.
     pub replies_out: u64,
     /// Bytes of replies waiting to be written: a peer that reads slowly has many.
     pub output_queued: u64,
@@ -1085,7 +1086,7 @@ impl<M> Connections<M> {
 
 /// Locks `mutex`. No code panics while holding these locks with the data half changed,
 /// so a poisoned lock is used as it is.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

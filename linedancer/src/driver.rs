@@ -380,7 +380,9 @@ where
                 Poll::Ready(Ok(n)) => {
                     if n > 0 {
                         self.bytes.read += n as u64;
-                        self.record_traffic();
+                        // Two stores on the per-read path; frames and replies are
+                        // recorded with the writes that answer them, and at the end.
+                        self.conn.record_bytes(self.bytes.read, self.bytes.written);
                         if let Some((_, last_input)) = &mut self.idle {
                             *last_input = Instant::now();
                         }
@@ -555,7 +557,7 @@ where
     }
 
     /// Records the traffic so far, and the replies still waiting, for the counters and
-    /// the connection list.
+    /// the connection list: after each write, and at the end.
     fn record_traffic(&self) {
         let traffic = Traffic {
             frames: self.session.frames(),

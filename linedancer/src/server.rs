@@ -713,15 +713,14 @@ impl<H: Service> Builder<H> {
         };
         let handover = Arc::new(Mutex::new(handover));
         let (handed_over, _) = watch::channel(false);
-        if let Some(upgrade) = opened.upgrade {
-            let upgrade_copy = upgrade.try_clone();
-            let listener = upgrade_copy.and_then(Listening::into_acceptor);
-            let Ok(Acceptor::Unix(listener)) = listener else {
-                gate.stop();
-                return Err(Error::Unix {
-                    path: opened.upgrade_path.unwrap_or_default(),
-                    source: io::Error::other("cannot listen on the upgrade socket"),
-                });
+        if let Some((upgrade, address)) = opened.upgrade {
+            let listener = match upgrade.try_clone().and_then(Listening::into_acceptor) {
+                Ok(Acceptor::Unix(listener)) => listener,
+                Ok(Acceptor::Tcp(_)) => unreachable!("the upgrade socket is a Unix socket"),
+                Err(e) => {
+                    gate.stop();
+                    return Err(listen_error(&address, e));
+                }
             };
             handover.lock().expect("never poisoned").push(upgrade);
             let (handover, gate, handed_over) = (
@@ -800,9 +799,8 @@ struct Opened {
     groups: Vec<Vec<(Listening, Address)>>,
     /// The socket files to remove when the server stops.
     files: Vec<SocketFile>,
-    /// The socket a successor connects to, and its path.
-    upgrade: Option<Listening>,
-    upgrade_path: Option<PathBuf>,
+    /// The socket a successor connects to.
+    upgrade: Option<(Listening, Address)>,
     /// The server this one takes over from, to tell once this one accepts.
     successor: Option<Successor>,
 }
@@ -822,7 +820,6 @@ impl Places {
                     path: path.clone(),
                     reason: format!("cannot read a socket's address: {e}"),
                 })?;
-                keepalive(&socket, settings).map_err(|e| listen_error(&address, e))?;
                 inherited.push((socket, address));
             }
         } else if self.activation {
@@ -832,7 +829,6 @@ impl Places {
                 let address = socket.address().map_err(|e| Error::Activation {
                     reason: format!("cannot read a passed socket's address: {e}"),
                 })?;
-                keepalive(&socket, settings).map_err(|e| listen_error(&address, e))?;
                 opened.groups.push(vec![(socket, address)]);
             }
         }
@@ -870,13 +866,19 @@ impl Places {
             opened.groups.push(vec![socket]);
         }
         if let Some(path) = self.upgrade_socket {
-            let ((socket, _), file) = unix_socket(&path, &mut inherited, 16, Some(0o600))?;
+            let (socket, file) = unix_socket(&path, &mut inherited, 16, Some(0o600))?;
             opened.files.push(file);
             opened.upgrade = Some(socket);
-            opened.upgrade_path = Some(path);
         }
         for (_, address) in inherited {
             warn!(%address, "the old server's socket is not in this one's configuration: closed");
+        }
+        // Bound, given or adopted alike.
+        for (socket, address) in opened.groups.iter().flatten() {
+            if let Listening::Tcp(socket) = socket {
+                listener::set_keepalive(socket, settings.tcp_keepalive)
+                    .map_err(|e| listen_error(address, e))?;
+            }
         }
         Ok(opened)
     }
@@ -912,14 +914,6 @@ fn take(inherited: &mut Vec<(Listening, Address)>, address: &Address) -> Vec<(Li
         .partition(|(_, at)| at == address);
     *inherited = others;
     taken
-}
-
-/// Sets TCP keepalive on a listening TCP socket.
-fn keepalive(socket: &Listening, settings: &Settings) -> io::Result<()> {
-    match socket {
-        Listening::Tcp(socket) => listener::set_keepalive(socket, settings.tcp_keepalive),
-        Listening::Unix(_) => Ok(()),
-    }
 }
 
 /// Gives every thread its listening sockets: a thread per socket where an address has
@@ -966,7 +960,7 @@ impl Sockets {
     /// thread with [`Threading::PerCore`], sharing their port (`SO_REUSEPORT`), else
     /// one; a given socket is the only one, whose handles the threads share.
     fn open(self, settings: &Settings) -> Result<Vec<(Listening, Address)>, Error> {
-        let (backlog, keepalive) = (settings.backlog, settings.tcp_keepalive);
+        let backlog = settings.backlog;
         match self {
             Sockets::Bind(addr) => {
                 let bind_error = |source| Error::Bind { addr, source };
@@ -985,7 +979,6 @@ impl Sockets {
                 (0..count)
                     .map(|_| {
                         let socket = listener::bind(addr, backlog, reuse_port)?;
-                        listener::set_keepalive(&socket, keepalive)?;
                         let local_addr = socket.local_addr()?;
                         Ok((Listening::Tcp(socket), Address::Ip(local_addr)))
                     })
@@ -1002,7 +995,6 @@ impl Sockets {
                     source,
                 };
                 socket.set_nonblocking(true).map_err(given_error)?;
-                listener::set_keepalive(&socket, keepalive).map_err(given_error)?;
                 Ok(vec![(Listening::Tcp(socket), Address::Ip(local_addr))])
             }
         }

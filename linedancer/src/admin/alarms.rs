@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::connections::lock;
 use crate::error::Error;
 use crate::server::ServerHandle;
 
@@ -281,10 +282,4 @@ fn step(
     alarm.fired += 1;
     warn!(alarm = alarm.name, value, threshold = watch.threshold, held = ?hold, "alarm");
     Some(event(true))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -19,17 +19,16 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::time::Duration;
-
-use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::io::{copy_bidirectional, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::close::CloseReason;
@@ -462,7 +461,7 @@ impl Gateway {
         }
         debug!(upstream = %upstream.name, "relaying");
         let limits = conn.limits();
-        let activity = Activity::new();
+        let activity = Activity::default();
         let mut from = Watched {
             inner: client,
             activity: &activity,
@@ -488,51 +487,46 @@ impl Gateway {
     }
 }
 
-/// When a relay last moved bytes either way, and since when a write to either side has
-/// waited: what the server's idle and send timeouts are measured against.
+/// What a relay's two sockets have done, counted as it happens (no clock read on the
+/// relay's path) and watched from beside it: whether bytes moved either way, whether
+/// writes went through, and whether one waits now.
+#[derive(Default)]
 struct Activity {
-    start: Instant,
-    /// Milliseconds from `start`.
-    last_moved: AtomicU64,
-    /// Milliseconds from `start`, plus one; 0 while no write waits.
-    blocked_since: AtomicU64,
+    /// Reads and writes that moved bytes.
+    moved: AtomicU64,
+    /// Writes that went through.
+    written: AtomicU64,
+    /// A write waits for its side to take bytes.
+    blocked: AtomicBool,
 }
 
 impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_moved: AtomicU64::new(0),
-            blocked_since: AtomicU64::new(0),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn moved(&self) {
-        self.last_moved.store(self.now(), Ordering::Relaxed);
-    }
-
     /// Completes when no byte has moved for `idle` (if set), or a write has waited for
-    /// `send`, with the reason to close for.
+    /// `send` with none going through, with the reason to close for. Looks every
+    /// quarter of the shorter one, so it fires within a quarter past it.
     async fn expired(&self, idle: Option<Duration>, send: Duration) -> CloseReason {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let every = (idle.map_or(send, |idle| idle.min(send)) / 4).max(Duration::from_millis(1));
+        let (mut moved, mut written) = (0, 0);
+        let (mut still_since, mut stuck_since) = (Instant::now(), None);
         loop {
-            let now = self.now();
-            if let Some(idle) = idle {
-                if now.saturating_sub(self.last_moved.load(Ordering::Relaxed)) >= millis(idle) {
-                    return CloseReason::IdleTimeout;
-                }
+            tokio::time::sleep(every).await;
+            let now = Instant::now();
+            let moved_now = self.moved.load(Ordering::Relaxed);
+            if moved_now != moved {
+                (moved, still_since) = (moved_now, now);
             }
-            let blocked = self.blocked_since.load(Ordering::Relaxed);
-            if blocked > 0 && now.saturating_sub(blocked - 1) >= millis(send) {
+            let written_now = self.written.load(Ordering::Relaxed);
+            if written_now != written || !self.blocked.load(Ordering::Relaxed) {
+                (written, stuck_since) = (written_now, None);
+            } else {
+                stuck_since.get_or_insert(now);
+            }
+            if idle.is_some_and(|idle| now - still_since >= idle) {
+                return CloseReason::IdleTimeout;
+            }
+            if stuck_since.is_some_and(|since| now - since >= send) {
                 return CloseReason::SendTimeout;
             }
-            // Looked at again well within either timeout.
-            let check = idle.map_or(send, |idle| idle.min(send)) / 4;
-            tokio::time::sleep(check.max(Duration::from_millis(1))).await;
         }
     }
 }
@@ -556,7 +550,7 @@ impl<S: AsyncRead> AsyncRead for Watched<'_, S> {
         let before = buf.filled().len();
         let read = this.inner.poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.moved();
+            this.activity.moved.fetch_add(1, Ordering::Relaxed);
         }
         read
     }
@@ -571,20 +565,13 @@ impl<S: AsyncWrite> AsyncWrite for Watched<'_, S> {
         let this = self.project();
         let written = this.inner.poll_write(cx, data);
         let activity = this.activity;
-        match &written {
-            Poll::Pending => {
-                let since = activity.now() + 1;
-                let _ = (activity.blocked_since).compare_exchange(
-                    0,
-                    since,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
-            Poll::Ready(_) => {
-                activity.blocked_since.store(0, Ordering::Relaxed);
-                activity.moved();
-            }
+        let blocked = written.is_pending();
+        if activity.blocked.load(Ordering::Relaxed) != blocked {
+            activity.blocked.store(blocked, Ordering::Relaxed);
+        }
+        if !blocked {
+            activity.written.fetch_add(1, Ordering::Relaxed);
+            activity.moved.fetch_add(1, Ordering::Relaxed);
         }
         written
     }
