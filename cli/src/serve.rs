@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use linedancer::admin::{Admin, AlarmSettings, Alarms};
+use linedancer::cluster::{Cluster, ClusterError, ClusterMessage, ClusterOptions, NatsBus};
 use linedancer::examples::kv::Db;
 use linedancer::examples::{
     Balance, Chat, Echo, Gateway, GatewayStats, Handshake, Kv, LineEcho, LoginTimeout, Rooms,
 };
-use linedancer::{ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig};
+use linedancer::{
+    Driver, Protocol, ProxyProtocol, Server, ServerHandle, Service, Threading, TlsConfig,
+};
 use tracing::{info, warn};
 
 /// The protocols `serve` knows, by the name given on the command line.
@@ -93,6 +96,17 @@ pub struct ServeArgs {
     /// --alarm-hold.
     #[arg(long, value_name = "PER_SECOND")]
     alarm_mailbox_overflows: Option<f64>,
+    /// Join the cluster on this NATS server (nats://HOST:PORT), for chat and kv: rooms
+    /// and channels span every node on it. Needs --node.
+    #[arg(long, value_name = "URL", requires = "node")]
+    cluster: Option<String>,
+    /// This node's name in the --cluster, unique among its nodes.
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    node: Option<String>,
+    /// How long a node of the --cluster may stay silent before the others take it
+    /// for gone, with its members.
+    #[arg(long, default_value = "3s", value_name = "D", requires = "cluster")]
+    node_timeout: humantime::Duration,
     /// How long a threshold must hold before its alarm fires.
     #[arg(long, default_value = "30s", value_name = "D")]
     alarm_hold: humantime::Duration,
@@ -287,6 +301,17 @@ pub enum ServeError {
         /// Why.
         reason: String,
     },
+    /// `--cluster` with a protocol that sends no messages.
+    #[error("--cluster: the {0} protocol has no groups or messages to share; use chat or kv")]
+    ClusterProtocol(String),
+    /// The cluster could not be joined.
+    #[error("--cluster {url}: {source}")]
+    Cluster {
+        /// The URL given.
+        url: String,
+        /// Why.
+        source: ClusterError,
+    },
     /// The tokio runtime could not be built.
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
@@ -402,7 +427,41 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
     } else if let Some(network) = args.proxy_from.first() {
         return Err(ServeError::ProxyFromWithoutProxy(network.clone()));
     }
-    let watch = Watch::from_args(&args)?;
+    let mut watch = Watch::from_args(&args)?;
+    let cluster = match (&args.cluster, &args.node) {
+        (Some(url), Some(node)) => {
+            if !["chat", "kv"].contains(&args.protocol.as_str()) {
+                return Err(ServeError::ClusterProtocol(args.protocol));
+            }
+            let failed = |source| ServeError::Cluster {
+                url: url.clone(),
+                source,
+            };
+            let bus = (NatsBus::connect(url, node).await).map_err(|e| failed(e.into()))?;
+            let mut options = ClusterOptions::default();
+            options.node_timeout = *args.node_timeout;
+            let cluster = (Cluster::join(Arc::new(bus), node, options).await).map_err(failed)?;
+            watch.cluster = Some(cluster.clone());
+            Some(cluster)
+        }
+        _ => None,
+    };
+    let served = serve(args, builder, watch, login_timeout, cluster.clone()).await;
+    if let Some(cluster) = cluster {
+        cluster.leave().await;
+    }
+    served
+}
+
+/// Serves `args.protocol` with `builder`, on `cluster` if given; a handshake with
+/// `login_timeout`.
+async fn serve(
+    args: ServeArgs,
+    builder: linedancer::Builder<()>,
+    watch: Watch,
+    login_timeout: LoginTimeout,
+    cluster: Option<Cluster>,
+) -> Result<(), ServeError> {
     match args.protocol.as_str() {
         "echo" => until_signal(builder.protocol::<Echo>(), watch).await,
         "handshake" => {
@@ -411,16 +470,37 @@ async fn run(args: ServeArgs, threading: Threading) -> Result<(), ServeError> {
         }
         "line-echo" => until_signal(builder.protocol::<LineEcho>(), watch).await,
         "chat" => {
-            let rooms = Arc::new(Rooms::default());
-            until_signal(builder.state(rooms).protocol::<Chat>(), watch).await
+            let rooms = cluster
+                .clone()
+                .map_or_else(Rooms::default, Rooms::clustered);
+            let builder = builder.state(Arc::new(rooms)).protocol::<Chat>();
+            until_signal(on_cluster(builder, cluster), watch).await
         }
         "gateway" => {
             let gateway = gateway(&args).await?;
             let watch = watch.collector(gateway.stats());
             until_signal(builder.handler(gateway), watch).await
         }
-        "kv" => until_signal(builder.state(Arc::new(Db::new())).protocol::<Kv>(), watch).await,
+        "kv" => {
+            let builder = builder.state(Arc::new(Db::new())).protocol::<Kv>();
+            until_signal(on_cluster(builder, cluster), watch).await
+        }
         _ => Err(ServeError::UnknownProtocol(args.protocol)),
+    }
+}
+
+/// `builder`, on `cluster` if there is one.
+fn on_cluster<P, S>(
+    builder: linedancer::Builder<Driver<P, S>>,
+    cluster: Option<Cluster>,
+) -> linedancer::Builder<Driver<P, S>>
+where
+    P: Protocol<S>,
+    P::Message: ClusterMessage,
+{
+    match cluster {
+        Some(cluster) => builder.cluster(cluster),
+        None => builder,
     }
 }
 
@@ -499,6 +579,8 @@ struct Watch {
     alarms: AlarmSettings,
     /// The gateway's per-upstream metrics.
     gateway: Option<GatewayStats>,
+    /// The cluster's metrics.
+    cluster: Option<Cluster>,
     /// Whether this server takes over from another (`--upgrade`), which may hold the
     /// endpoint's address for a moment.
     upgrading: bool,
@@ -529,6 +611,7 @@ impl Watch {
             admin: args.admin.clone().map(|addr| (addr, token)),
             alarms,
             gateway: None,
+            cluster: None,
             upgrading: args.upgrade,
         })
     }
@@ -580,6 +663,9 @@ impl Watch {
         }
         if let Some(gateway) = self.gateway {
             admin = admin.collector(gateway);
+        }
+        if let Some(cluster) = self.cluster {
+            admin = admin.collector(cluster);
         }
         let listener = match tokio::net::TcpListener::bind(&resolved[..]).await {
             Ok(listener) => listener,

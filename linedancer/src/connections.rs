@@ -39,9 +39,24 @@ use crate::transport::proxy::ProxyHeader;
 use crate::transport::tls::TlsInfo;
 use crate::transport::{Address, PeerCredentials, TransportInfo};
 
-/// A connection's id: unique within one server, in accept order, starting at 1.
+/// A connection's id: unique within one server, in accept order, starting at 1. On a
+/// [cluster](crate::cluster), the top 16 bits are the node's tag, and ids are unique
+/// across the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    /// The tag of the cluster node the connection is on (its top 16 bits); 0 for a
+    /// server outside a cluster.
+    pub fn node_tag(self) -> u16 {
+        (self.0 >> 48) as u16
+    }
+
+    /// The connection's number on its node (its low 48 bits): 1 for the first.
+    pub fn number(self) -> u64 {
+        self.0 & ((1 << 48) - 1)
+    }
+}
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -481,6 +496,8 @@ impl Signal {
 /// `M` is the type of message the mailboxes take.
 pub(crate) struct Connections<M> {
     next_id: AtomicU64,
+    /// The first id: 1, or on a cluster the node's first.
+    first_id: u64,
     /// Free slots: one permit per connection that may still be accepted.
     slots: Arc<Semaphore>,
     /// The connection limit, changed under this lock.
@@ -498,6 +515,9 @@ pub(crate) struct Connections<M> {
     limits: Limits,
     /// The members of each group. Whoever needs both locks takes `live`'s first.
     groups: Mutex<HashMap<Arc<str>, HashSet<ConnectionId>>>,
+    /// The cluster, if the server is on one: broadcasts, messages and membership
+    /// changes go to it as well.
+    remote: OnceLock<Arc<dyn Remote<M>>>,
     counters: Counters,
     tasks: TaskTracker,
 }
@@ -618,6 +638,12 @@ impl<M> Drop for Slot<M> {
             for group in &live.groups {
                 Connections::<M>::left(&mut groups, group, self.id);
             }
+            drop(groups);
+            if let Some(remote) = connections.remote.get() {
+                for group in &live.groups {
+                    remote.left(group, self.id);
+                }
+            }
         }
         let reason = self.reason.take().unwrap_or(CloseReason::Shutdown);
         connections.counters.closed(
@@ -691,9 +717,11 @@ impl<M> fmt::Debug for Connections<M> {
 }
 
 impl<M> Connections<M> {
-    pub(crate) fn new(max_connections: usize, limits: Limits) -> Arc<Self> {
+    /// A set whose ids start at `first_id`.
+    pub(crate) fn new(max_connections: usize, limits: Limits, first_id: u64) -> Arc<Self> {
         Arc::new(Connections {
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_id),
+            first_id,
             slots: Arc::new(Semaphore::new(max_connections)),
             max: Mutex::new(max_connections),
             excess: AtomicUsize::new(0),
@@ -702,6 +730,7 @@ impl<M> Connections<M> {
             raised: AtomicU8::new(0),
             limits,
             groups: Mutex::new(HashMap::new()),
+            remote: OnceLock::new(),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
         })
@@ -874,15 +903,31 @@ impl<M> Connections<M> {
             live += connection.shared.bytes.get();
         }
         self.counters.snapshot(
-            self.next_id.load(Ordering::Relaxed) - 1,
+            self.next_id.load(Ordering::Relaxed) - self.first_id,
             self.count(),
             self.count.peak.load(Ordering::Relaxed),
             live,
         )
     }
 
-    /// Puts a message in the mailbox of connection `to`.
+    /// Ties the set to a cluster; once, before the first connection.
+    pub(crate) fn set_remote(&self, remote: Arc<dyn Remote<M>>) {
+        // Set once, by the server's start.
+        let _ = self.remote.set(remote);
+    }
+
+    /// Puts a message in the mailbox of connection `to`, which may be on another node
+    /// of the cluster: then it goes to the bus, and `Ok` says no more than that.
     pub(crate) fn post(&self, to: ConnectionId, message: M) -> Result<(), SendError> {
+        if let Some(remote) = self.remote.get().filter(|r| !r.is_local(to)) {
+            remote.send_to(to, &message);
+            return Ok(());
+        }
+        self.post_local(to, message)
+    }
+
+    /// Puts a message in the mailbox of connection `to` of this server.
+    pub(crate) fn post_local(&self, to: ConnectionId, message: M) -> Result<(), SendError> {
         let shared = match self.live().get(&to) {
             Some(live) => Arc::clone(&live.shared),
             None => return Err(SendError::NotOpen(to)),
@@ -895,8 +940,22 @@ impl<M> Connections<M> {
     }
 
     /// Puts a message made by `make` in the mailbox of every member of `group` but
-    /// `except`; returns how many took one. Members whose mailbox is full are closed.
+    /// `except`, and sends one to the cluster's other nodes; returns how many local
+    /// members took one. Members whose mailbox is full are closed.
     pub(crate) fn broadcast(
+        &self,
+        group: &str,
+        make: &dyn Fn() -> M,
+        except: Option<ConnectionId>,
+    ) -> usize {
+        if let Some(remote) = self.remote.get() {
+            remote.broadcast(group, &make(), except);
+        }
+        self.broadcast_local(group, make, except)
+    }
+
+    /// As [`broadcast`](Self::broadcast), to this server's members only.
+    pub(crate) fn broadcast_local(
         &self,
         group: &str,
         make: &dyn Fn() -> M,
@@ -925,17 +984,24 @@ impl<M> Connections<M> {
             .count()
     }
 
-    /// Adds connection `id` to `group`.
-    pub(crate) fn join(&self, id: ConnectionId, group: Arc<str>) {
+    /// Adds connection `id` to `group`; on a cluster, under `label` (joining again
+    /// changes the label).
+    pub(crate) fn join(&self, id: ConnectionId, group: Arc<str>, label: Option<Arc<str>>) {
         let mut live = self.live();
         let Some(entry) = live.get_mut(&id) else {
             return;
         };
-        if entry.groups.contains(&group) {
-            return;
+        if !entry.groups.contains(&group) {
+            entry.groups.push(Arc::clone(&group));
+            lock(&self.groups)
+                .entry(Arc::clone(&group))
+                .or_default()
+                .insert(id);
         }
-        entry.groups.push(Arc::clone(&group));
-        lock(&self.groups).entry(group).or_default().insert(id);
+        drop(live);
+        if let Some(remote) = self.remote.get() {
+            remote.joined(&group, id, label.unwrap_or_else(|| "".into()));
+        }
     }
 
     /// Takes connection `id` out of `group`.
@@ -944,8 +1010,16 @@ impl<M> Connections<M> {
         let Some(entry) = live.get_mut(&id) else {
             return;
         };
+        let before = entry.groups.len();
         entry.groups.retain(|g| &**g != group);
+        if entry.groups.len() == before {
+            return;
+        }
         Self::left(&mut lock(&self.groups), group, id);
+        drop(live);
+        if let Some(remote) = self.remote.get() {
+            remote.left(group, id);
+        }
     }
 
     /// Takes `id` out of `group` in `groups`, and forgets a group left empty.
@@ -1082,6 +1156,20 @@ impl<M> Connections<M> {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+/// What carries broadcasts, messages and membership beyond this server: its cluster.
+pub(crate) trait Remote<M>: Send + Sync {
+    /// Whether connection `id` is on this node.
+    fn is_local(&self, id: ConnectionId) -> bool;
+    /// Sends a broadcast to `group` to the other nodes.
+    fn broadcast(&self, group: &str, message: &M, except: Option<ConnectionId>);
+    /// Sends a message to connection `to`, on another node.
+    fn send_to(&self, to: ConnectionId, message: &M);
+    /// A local connection joined `group` under `label`, or changed its label.
+    fn joined(&self, group: &Arc<str>, id: ConnectionId, label: Arc<str>);
+    /// A local connection left `group`.
+    fn left(&self, group: &str, id: ConnectionId);
 }
 
 /// Locks `mutex`. No code panics while holding these locks with the data half changed,

@@ -24,6 +24,7 @@ use tracing::field::display;
 use tracing::Span;
 
 use crate::close::CloseReason;
+use crate::cluster::ClusterLink;
 use crate::connections::{Connection, Event, Limits};
 use crate::handler::{sealed, Service};
 use crate::protocol::{Effect, Peer, Protocol, Session, Timer};
@@ -47,6 +48,7 @@ pub struct Driver<P: Protocol<S>, S = ()> {
     /// Cloned for every connection, so that each gets a fresh codec.
     codec: P::Codec,
     state: Arc<S>,
+    cluster: Option<ClusterLink<P::Message>>,
     _protocol: PhantomData<fn() -> P>,
 }
 
@@ -57,8 +59,14 @@ impl<P: Protocol<S>, S> Driver<P, S> {
         Driver {
             codec,
             state,
+            cluster: None,
             _protocol: PhantomData,
         }
+    }
+
+    /// Puts the server on `cluster`.
+    pub(crate) fn set_cluster(&mut self, cluster: ClusterLink<P::Message>) {
+        self.cluster = Some(cluster);
     }
 }
 
@@ -86,6 +94,10 @@ where
         conn: Connection<P::Message>,
     ) -> impl Future<Output = io::Result<()>> + Send {
         Drive::<P, S, T>::connect(stream, self.codec.clone(), Arc::clone(&self.state), conn)
+    }
+
+    fn cluster(&self) -> Option<&ClusterLink<P::Message>> {
+        self.cluster.as_ref()
     }
 }
 
@@ -669,7 +681,7 @@ fn carry_out<M: Send + 'static>(
             message,
             except,
         } => drop(connections.broadcast(&group, &*message, except)),
-        Effect::Join(group) => connections.join(conn.id(), group),
+        Effect::Join(group, label) => connections.join(conn.id(), group, label),
         Effect::Leave(group) => connections.leave(conn.id(), &group),
         Effect::Spawn(work) => drop(spawned.get_or_insert_with(JoinSet::new).spawn(work)),
     }

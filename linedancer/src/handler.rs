@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::cluster::ClusterLink;
 use crate::connections::{AbortWatch, Connection};
 use crate::transport::{self, Stream};
 
@@ -67,6 +68,11 @@ pub trait Service: sealed::Sealed + Send + Sync + 'static {
         stream: T,
         conn: Connection<Self::Message>,
     ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The cluster the server is on ([`Builder::cluster`](crate::Builder::cluster)).
+    fn cluster(&self) -> Option<&ClusterLink<Self::Message>> {
+        None
+    }
 }
 
 impl<H: Handler> sealed::Sealed for H {}

@@ -161,6 +161,7 @@
 
 pub mod admin;
 mod close;
+pub mod cluster;
 pub mod codec;
 mod connections;
 mod driver;

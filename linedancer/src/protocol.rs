@@ -238,7 +238,8 @@ pub(crate) enum Effect<M> {
         message: Box<dyn Fn() -> M + Send>,
         except: Option<ConnectionId>,
     },
-    Join(Arc<str>),
+    /// Join a group, with a label for the cluster's member lists.
+    Join(Arc<str>, Option<Arc<str>>),
     Leave(Arc<str>),
     /// Work whose result comes back as a message.
     Spawn(Pin<Box<dyn Future<Output = M> + Send>>),
@@ -290,7 +291,15 @@ impl<P: Protocol<S>, S> Ctx<'_, P, S> {
     /// Joins `group` (made on first use): [`broadcast`](Ctx::broadcast)s to it reach
     /// this connection from then on. Membership ends with the connection.
     pub fn join(&mut self, group: &str) {
-        self.asked.effects.push(Effect::Join(group.into()));
+        self.asked.effects.push(Effect::Join(group.into(), None));
+    }
+
+    /// Joins `group` as [`join`](Ctx::join) does, under `label`: on a
+    /// [cluster](crate::cluster), what [`Cluster::members`](crate::cluster::Cluster::members)
+    /// shows for this connection on every node (a chat's nick, say). Joining a group
+    /// again changes the label.
+    pub fn join_as(&mut self, group: &str, label: &str) {
+        (self.asked.effects).push(Effect::Join(group.into(), Some(label.into())));
     }
 
     /// Leaves `group`.

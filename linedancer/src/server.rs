@@ -12,6 +12,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::cluster::{Cluster, ClusterLink, ClusterMessage};
 use crate::connections::{
     ConnectionId, ConnectionInfo, Connections, Limits, Reservation, SendError,
 };
@@ -636,6 +637,22 @@ impl<H, S> Builder<H, S> {
     }
 }
 
+impl<P, S> Builder<Driver<P, S>>
+where
+    P: Protocol<S>,
+    P::Message: ClusterMessage,
+{
+    /// Puts the server on `cluster`: [`Ctx::broadcast`](crate::Ctx::broadcast) reaches
+    /// the group's members on every node, [`Ctx::send_to`](crate::Ctx::send_to) and
+    /// [`ServerHandle::send_to`] reach connections on other nodes, connection ids carry
+    /// the node's tag, and group membership is shared (see [`cluster`](crate::cluster)).
+    /// A cluster serves one server.
+    pub fn cluster(mut self, cluster: Cluster) -> Self {
+        self.handler.set_cluster(ClusterLink::new(cluster));
+        self
+    }
+}
+
 impl<H: Service> Builder<H> {
     /// Binds the listening sockets (or adopts them: socket activation, an upgrade) and
     /// starts accepting, in tasks on the current tokio runtime.
@@ -655,7 +672,12 @@ impl<H: Service> Builder<H> {
         let front = self.transport.front(&settings)?;
         let sd_notify = self.listen.sd_notify;
         let opened = self.listen.open(&settings).await?;
-        let connections = Connections::new(settings.max_connections, settings.limits);
+        let cluster = self.handler.cluster();
+        let first_id = cluster.map_or(1, |link| link.cluster().first_id());
+        let connections = Connections::new(settings.max_connections, settings.limits, first_id);
+        if let Some(link) = cluster {
+            link.attach(&connections)?;
+        }
         let service = Arc::new(self.handler);
         let gate = Arc::new(Gate::default());
         let acceptors = TaskTracker::new();

@@ -343,7 +343,7 @@ impl<P: Protocol<S>, S> Harness<P, S> {
                         message: message(),
                     })
                 }
-                Effect::Join(group) => self.outgoing.push(Outgoing::Join(group.to_string())),
+                Effect::Join(group, _) => self.outgoing.push(Outgoing::Join(group.to_string())),
                 Effect::Leave(group) => self.outgoing.push(Outgoing::Leave(group.to_string())),
                 Effect::Spawn(work) => self.spawned.push(work),
             }

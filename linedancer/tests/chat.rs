@@ -667,6 +667,8 @@ fn chat_commands_in_the_harness() {
         conn.take_outgoing(),
         vec![
             line(LOBBY, "* guest1 is now ann"),
+            // Joined again under the new nick: the label a cluster's member lists show.
+            Outgoing::Join(LOBBY.into()),
             line(LOBBY, "* ann left for kitchen"),
             Outgoing::Leave(LOBBY.into()),
             Outgoing::Join("kitchen".into()),

@@ -10,12 +10,19 @@
 //! /join kitchen
 //! * you are in kitchen
 //! ```
+//!
+//! On a [cluster](crate::cluster) ([`Rooms::clustered`]), rooms span the nodes: lines,
+//! comings and goings reach the room's members on every node, `/who` lists them all,
+//! and nicks are unique across the cluster.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
 use crate::close::CloseReason;
+use crate::cluster::{Claim, Cluster, ClusterMessage, Names};
 use crate::codec::Lines;
 use crate::connections::ConnectionId;
 use crate::protocol::{Ctx, Next, Protocol};
@@ -44,63 +51,112 @@ pub const ANNOUNCE_LIMIT: usize = 100;
 pub enum ChatMessage {
     /// A line for the client, as it is: someone spoke, came or went.
     Line(Arc<str>),
+    /// The cluster's answer to a claim of a nick: whether it is the client's.
+    Claimed {
+        /// The nick claimed.
+        nick: Arc<str>,
+        /// Whether it was granted.
+        granted: bool,
+    },
 }
 
-/// Each room's members, by connection id, with their nicks; and who holds each nick,
-/// by its lower-case form.
+impl ClusterMessage for ChatMessage {
+    fn encode(&self, out: &mut BytesMut) {
+        match self {
+            ChatMessage::Line(line) => {
+                out.put_u8(0);
+                out.put_slice(line.as_bytes());
+            }
+            ChatMessage::Claimed { nick, granted } => {
+                out.put_u8(1 + u8::from(*granted));
+                out.put_slice(nick.as_bytes());
+            }
+        }
+    }
+
+    fn decode(mut bytes: Bytes) -> Option<Self> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let kind = bytes.get_u8();
+        let text: Arc<str> = std::str::from_utf8(&bytes).ok()?.into();
+        match kind {
+            0 => Some(ChatMessage::Line(text)),
+            1 | 2 => Some(ChatMessage::Claimed {
+                nick: text,
+                granted: kind == 2,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Each room's members on this server, by connection id, with their nicks.
 #[derive(Debug, Default)]
 struct Members {
     rooms: HashMap<Arc<str>, BTreeMap<ConnectionId, Arc<str>>>,
-    nicks: HashMap<String, ConnectionId>,
 }
 
 /// The chat's shared state: who is in which room, under which nick, and which nicks are
-/// taken (nicks are unique on the server, whatever their case). Every connection keeps
-/// its own entry up to date, and `/who` reads it, so the answer costs one lock and no
-/// message, whatever the room's size.
+/// taken (nicks are unique, whatever their case). Every connection keeps its own entry
+/// up to date, and `/who` reads it, so the answer costs one lock and no message,
+/// whatever the room's size. On a cluster, the other nodes' members come from the
+/// cluster's member lists, and nicks from its [`Names`].
 #[derive(Debug, Default)]
 pub struct Rooms {
     rooms: Mutex<Members>,
+    /// Who holds each nick, by its lower-case form.
+    nicks: Names,
+    cluster: Option<Cluster>,
 }
 
 impl Rooms {
-    /// The members of `room`, in connection order, with their nicks.
+    /// Rooms that span the nodes of `cluster`; give the same cluster to
+    /// [`Builder::cluster`](crate::Builder::cluster).
+    pub fn clustered(cluster: Cluster) -> Rooms {
+        Rooms {
+            rooms: Mutex::default(),
+            nicks: cluster.names(),
+            cluster: Some(cluster),
+        }
+    }
+
+    /// The members of `room` on this server, in connection order, with their nicks.
     pub fn members(&self, room: &str) -> Vec<(ConnectionId, Arc<str>)> {
         (self.lock().rooms.get(room).into_iter())
             .flat_map(|members| members.iter().map(|(id, nick)| (*id, Arc::clone(nick))))
             .collect()
     }
 
-    /// The rooms with anyone in them, in no particular order.
+    /// The rooms with anyone in them on this server, in no particular order.
     pub fn rooms(&self) -> Vec<Arc<str>> {
         self.lock().rooms.keys().cloned().collect()
     }
 
-    /// How many members `room` has.
+    /// How many members `room` has, on every node.
     pub fn size(&self, room: &str) -> usize {
-        self.lock().rooms.get(room).map_or(0, BTreeMap::len)
+        let here = self.lock().rooms.get(room).map_or(0, BTreeMap::len);
+        here + self.cluster.as_ref().map_or(0, |c| c.remote_size(room))
     }
 
-    /// Who holds `nick`, whatever its case.
+    /// Who on this server holds `nick`, whatever its case.
     pub fn holder(&self, nick: &str) -> Option<ConnectionId> {
-        self.lock().nicks.get(&nick.to_lowercase()).copied()
+        self.nicks.holder(&nick.to_lowercase())
     }
 
-    /// Gives `nick` to `id`, unless another connection holds it (in any case); then
-    /// returns false.
-    fn claim(&self, nick: &str, id: ConnectionId) -> bool {
-        let mut members = self.lock();
-        let holder = members.nicks.entry(nick.to_lowercase()).or_insert(id);
-        *holder == id
+    /// Claims `nick` (in any case) for `id`.
+    fn claim(&self, nick: &str, id: ConnectionId) -> Claim {
+        self.nicks.claim(&nick.to_lowercase(), id)
+    }
+
+    /// Claims `nick` for `id` on this server only, at once.
+    fn claim_here(&self, nick: &str, id: ConnectionId) -> bool {
+        self.nicks.try_claim(&nick.to_lowercase(), id)
     }
 
     /// Gives up `nick`, if `id` holds it.
     fn release(&self, nick: &str, id: ConnectionId) {
-        let mut members = self.lock();
-        let key = nick.to_lowercase();
-        if members.nicks.get(&key) == Some(&id) {
-            members.nicks.remove(&key);
-        }
+        self.nicks.release(&nick.to_lowercase(), id);
     }
 
     /// Puts `id` in `room` as `nick`, or renames it there.
@@ -125,12 +181,20 @@ impl Rooms {
     /// [`WHO_LIMIT`] others and counting the rest.
     fn who(&self, room: &str, me: ConnectionId, my_nick: &str) -> String {
         let mut line = format!("* in {room}: {my_nick} (you)");
-        let members = self.lock();
-        let others = (members.rooms.get(room).into_iter())
+        let local: Vec<Arc<str>> = (self.lock().rooms.get(room).into_iter())
             .flat_map(|members| members.iter())
-            .filter(|(id, _)| **id != me);
+            .filter(|(id, _)| **id != me)
+            .map(|(_, nick)| Arc::clone(nick))
+            .collect();
+        let remote = self.cluster.iter().flat_map(|cluster| {
+            let node = cluster.node();
+            let members = cluster.members(room).into_iter();
+            members
+                .filter(move |member| &*member.node != node)
+                .map(|member| member.label)
+        });
         let mut more = 0usize;
-        for (named, (_, nick)) in others.enumerate() {
+        for (named, nick) in local.into_iter().chain(remote).enumerate() {
             if named < WHO_LIMIT {
                 // Writing to a String cannot fail.
                 let _ = write!(line, ", {nick}");
@@ -138,7 +202,6 @@ impl Rooms {
                 more += 1;
             }
         }
-        drop(members);
         if more > 0 {
             let _ = write!(line, " and {more} more");
         }
@@ -153,7 +216,7 @@ impl Rooms {
 
 /// One chat client: its nick and its room.
 ///
-/// Every client starts as `guest<id>` in [`LOBBY`]. A line is sent to everyone else in
+/// Every client starts as `guest<n>` in [`LOBBY`] (`guest<node tag>-<n>` on a cluster). A line is sent to everyone else in
 /// the room as `<nick> line`; lines starting with `/` are commands:
 ///
 /// - `/nick NAME`: change your nick, if nobody else has it (in any case);
@@ -176,6 +239,8 @@ impl Rooms {
 pub struct Chat {
     nick: Arc<str>,
     room: Arc<str>,
+    /// A nick being claimed across the cluster.
+    claiming: Option<Arc<str>>,
 }
 
 impl Chat {
@@ -211,7 +276,7 @@ impl Chat {
         ctx.leave(&self.room);
         ctx.state().leave(&self.room, ctx.id());
         self.room = room.into();
-        ctx.join(room);
+        ctx.join_as(room, &self.nick);
         ctx.state().enter(&self.room, ctx.id(), &self.nick);
         self.announce(format!("* {} joined {room}", self.nick), ctx);
         ctx.send(format!("* you are in {room}").into());
@@ -222,16 +287,36 @@ impl Chat {
             ctx.send(format!("* you are already {nick}").into());
             return;
         }
-        if !ctx.state().claim(nick, ctx.id()) {
-            ctx.send(format!("* the nick {nick} is taken").into());
+        if self.claiming.is_some() {
+            ctx.send("* wait: another nick is being claimed".into());
             return;
         }
+        match ctx.state().claim(nick, ctx.id()) {
+            Claim::Granted => self.renamed(nick, ctx),
+            Claim::Taken => ctx.send(format!("* the nick {nick} is taken").into()),
+            Claim::Unavailable => {
+                ctx.send("* nicks cannot be changed now: the cluster is unreachable".into());
+            }
+            Claim::Asking(asking) => {
+                let nick: Arc<str> = nick.into();
+                self.claiming = Some(Arc::clone(&nick));
+                ctx.spawn(async move {
+                    let granted = asking.await;
+                    ChatMessage::Claimed { nick, granted }
+                });
+            }
+        }
+    }
+
+    /// `nick` is the client's now.
+    fn renamed(&mut self, nick: &str, ctx: &mut Ctx<'_, Self, Rooms>) {
         if !self.nick.eq_ignore_ascii_case(nick) {
             ctx.state().release(&self.nick, ctx.id());
         }
         self.announce(format!("* {} is now {nick}", self.nick), ctx);
         self.nick = nick.into();
         ctx.state().enter(&self.room, ctx.id(), &self.nick);
+        ctx.join_as(&self.room, &self.nick);
         ctx.send(format!("* you are now {nick}").into());
     }
 }
@@ -265,18 +350,25 @@ impl Protocol<Rooms> for Chat {
     type Message = ChatMessage;
 
     fn connect(ctx: &mut Ctx<'_, Self, Rooms>) -> Self {
-        // guest<id>, unless someone has taken it as a nick: then guest<id>.2, ...
-        let mut nick = format!("guest{}", ctx.id());
+        // guest<n> (guest<node tag>-<n> on a cluster), unless someone has taken it as
+        // a nick: then guest<n>.2, ...
+        let id = ctx.id();
+        let guest = match id.node_tag() {
+            0 => format!("guest{}", id.number()),
+            tag => format!("guest{tag}-{}", id.number()),
+        };
+        let mut nick = guest.clone();
         let mut suffix = 1;
-        while !ctx.state().claim(&nick, ctx.id()) {
+        while !ctx.state().claim_here(&nick, id) {
             suffix += 1;
-            nick = format!("guest{}.{suffix}", ctx.id());
+            nick = format!("{guest}.{suffix}");
         }
         let chat = Chat {
             nick: nick.into(),
             room: LOBBY.into(),
+            claiming: None,
         };
-        ctx.join(LOBBY);
+        ctx.join_as(LOBBY, &chat.nick);
         ctx.state().enter(&chat.room, ctx.id(), &chat.nick);
         chat.announce(format!("* {} joined {LOBBY}", chat.nick), ctx);
         ctx.send(
@@ -323,8 +415,17 @@ impl Protocol<Rooms> for Chat {
     }
 
     fn message(&mut self, message: ChatMessage, ctx: &mut Ctx<'_, Self, Rooms>) -> Next {
-        let ChatMessage::Line(text) = message;
-        ctx.send(text);
+        match message {
+            ChatMessage::Line(text) => ctx.send(text),
+            ChatMessage::Claimed { nick, granted } => {
+                self.claiming = None;
+                if granted {
+                    self.renamed(&nick, ctx);
+                } else {
+                    ctx.send(format!("* the nick {nick} is taken").into());
+                }
+            }
+        }
         Next::Continue
     }
 
@@ -337,6 +438,9 @@ impl Protocol<Rooms> for Chat {
         // However it ended: /quit, a disconnect, a reset, a timeout.
         ctx.state().leave(&self.room, ctx.id());
         ctx.state().release(&self.nick, ctx.id());
+        if let Some(nick) = &self.claiming {
+            ctx.state().release(nick, ctx.id());
+        }
         self.announce(format!("* {} left", self.nick), ctx);
     }
 

@@ -10,16 +10,23 @@
 //! $ redis-cli -p 7000 ttl greeting
 //! (integer) 60
 //! ```
+//!
+//! On a [cluster](crate::cluster) (`serve kv --cluster ... --node ...`), `PUBLISH`
+//! reaches the channel's subscribers on every node, in each publisher's order. The keys
+//! stay each node's own, as on a shard without replicas: a key set through one node is
+//! not seen through another. `PUBLISH` answers with the subscribers on its own node,
+//! as Redis Cluster does.
 
 mod resp;
 mod store;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
 use crate::close::CloseReason;
+use crate::cluster::ClusterMessage;
 use crate::protocol::{Ctx, Next, Protocol};
 
 pub use resp::{Reply, Request, Resp, MAX_ARGS, MAX_BULK, MAX_INLINE};
@@ -34,6 +41,29 @@ pub struct Published {
     pub channel: Bytes,
     /// The message.
     pub payload: Bytes,
+}
+
+impl ClusterMessage for Published {
+    fn encode(&self, out: &mut BytesMut) {
+        out.put_u32(self.channel.len() as u32);
+        out.put_slice(&self.channel);
+        out.put_slice(&self.payload);
+    }
+
+    fn decode(mut bytes: Bytes) -> Option<Self> {
+        if bytes.len() < 4 {
+            return None;
+        }
+        let length = bytes.get_u32() as usize;
+        if bytes.len() < length {
+            return None;
+        }
+        let channel = bytes.split_to(length);
+        Some(Published {
+            channel,
+            payload: bytes,
+        })
+    }
 }
 
 /// One client of the key-value server.
