@@ -6,21 +6,7 @@ mod common;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{fails, linedancer, serve, Serving, TEST_TIMEOUT};
-
-/// Sends an HTTP/1.1 request and returns the status and body.
-async fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let auth = token.map_or(String::new(), |token| {
-        format!("authorization: Bearer {token}\r\n")
-    });
-    let request = format!("{method} {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n{auth}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    (answer[9..12].parse().unwrap(), body.to_owned())
-}
+use common::{fails, http, linedancer, serve, Serving, TEST_TIMEOUT};
 
 /// Starts `serve echo ARGS --admin 127.0.0.1:0` and returns it with the endpoint's
 /// address, from its `admin on` line.
