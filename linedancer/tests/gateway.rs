@@ -86,6 +86,33 @@ async fn ten_mebibytes_are_relayed_intact_both_ways() {
     .await;
 }
 
+/// Ensure a client on a Unix socket, whose bytes cannot be spliced from a TCP socket,
+/// is relayed intact too (copied through the relay's buffers instead).
+#[tokio::test]
+async fn a_unix_socket_client_is_relayed_intact() {
+    bounded(async {
+        let echo = serve::<Echo>().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.sock");
+        let gateway = Server::builder()
+            .unix(&path)
+            .handler(Gateway::new(vec![echo.local_addr()]).unwrap())
+            .start()
+            .await
+            .unwrap();
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut data = vec![0; 1 << 20];
+        fastrand::fill(&mut data);
+        let echoed = round_trip(stream, &data).await;
+        assert!(echoed == data, "the relayed bytes differ from those sent");
+        gateway.wait_connections(|n| n == 0).await;
+        assert_eq!(gateway.stats().bytes_in, data.len() as u64);
+        gateway.shutdown().await;
+        echo.shutdown().await;
+    })
+    .await;
+}
+
 /// Ensure a client's half-close is passed on: after shutting its write side it still
 /// receives the whole echo, then the end of the stream, and the gateway's connection
 /// ends.
