@@ -9,20 +9,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bounded, LineClient};
+use common::{bounded, free_port, LineClient};
 use linedancer::examples::{Chat, Rooms};
 use linedancer::{Address, ProxyProtocol, Server};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::Command;
-
-/// A port that was free a moment ago, for HAProxy to listen on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Connects to `to` from the loopback address `from`, as a client of its own.
 async fn client_from(from: Ipv4Addr, to: SocketAddr) -> LineClient {

@@ -268,6 +268,14 @@ mod kind {
     pub const CLAIM: u8 = 20;
 }
 
+/// What waits for the bus.
+enum Outbound {
+    /// A message for a topic.
+    Publish(String, Bytes),
+    /// Say when everything before has reached the bus.
+    Flush(oneshot::Sender<()>),
+}
+
 /// What a group's members on a node are: connection → label.
 type Group = HashMap<ConnectionId, Arc<str>>;
 
@@ -278,7 +286,7 @@ struct Core {
     incarnation: u64,
     options: ClusterOptions,
     bus: Arc<dyn Bus>,
-    outbound: mpsc::Sender<(String, Bytes)>,
+    outbound: mpsc::Sender<Outbound>,
     outbound_bytes: AtomicUsize,
     state: Mutex<State>,
     names: Arc<Mutex<NameTable>>,
@@ -307,6 +315,8 @@ struct State {
     seq: u64,
     nodes: HashMap<u16, NodeView>,
     claims: HashMap<u64, ClaimWait>,
+    /// Set by [`Cluster::leave`]: no more heartbeats.
+    leaving: bool,
 }
 
 struct LocalGroup {
@@ -522,24 +532,30 @@ impl Cluster {
         }
     }
 
-    /// Leaves the cluster: tells the other nodes, so that they drop this node's
-    /// members at once, waits (a second at most) for that to reach the bus, and stops
-    /// the node's tasks. Call it once the server has shut down.
+    /// Leaves the cluster: tells the other nodes, after everything already waiting for
+    /// the bus, so that they drop this node's members at once; waits (a second at most)
+    /// for that to reach the bus, and stops the node's tasks. Call it once the server
+    /// has shut down.
     pub async fn leave(&self) {
         let core = &self.core;
         let mut bye = BytesMut::new();
         bye.put_u8(kind::BYE);
         bye.put_u16(core.tag);
         bye.put_u64(core.incarnation);
-        // Straight to the bus, past the queue, which is stopped with the tasks.
-        let said = async {
-            core.bus
-                .publish(core.presence_topic(), bye.freeze())
-                .await?;
-            core.bus.flush().await
-        };
-        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), said).await {
-            debug!(error = %e, "cluster: could not say goodbye");
+        {
+            // Under the lock the heartbeats take: none follows the goodbye.
+            let mut state = lock(&core.state);
+            state.leaving = true;
+            core.send(core.presence_topic(), bye.freeze());
+        }
+        let (done, flushed) = oneshot::channel();
+        let queued = core.outbound.try_send(Outbound::Flush(done)).is_ok();
+        if queued
+            && tokio::time::timeout(Duration::from_secs(1), flushed)
+                .await
+                .is_err()
+        {
+            debug!("cluster: the goodbye did not reach the bus in time");
         }
         self.stop();
         info!(node = %core.node, "left the cluster");
@@ -625,7 +641,8 @@ impl Core {
         let limit = self.options.outbound_bytes;
         if self.bus.is_connected() {
             let queued = self.outbound_bytes.fetch_add(size, Ordering::AcqRel) + size;
-            if queued <= limit && self.outbound.try_send((topic, payload)).is_ok() {
+            let message = Outbound::Publish(topic, payload);
+            if queued <= limit && self.outbound.try_send(message).is_ok() {
                 return;
             }
             self.outbound_bytes.fetch_sub(size, Ordering::AcqRel);
@@ -696,7 +713,11 @@ impl Core {
 
     /// Says this node is alive, and with `hello` asks the others to say so at once.
     fn heartbeat(&self, hello: bool) {
-        let seq = lock(&self.state).seq;
+        let state = lock(&self.state);
+        if state.leaving {
+            return;
+        }
+        let seq = state.seq;
         let mut out = BytesMut::new();
         out.put_u8(kind::HEARTBEAT);
         out.put_u16(self.tag);
@@ -705,6 +726,7 @@ impl Core {
         out.put_u8(u8::from(hello));
         put_str(&mut out, &self.node);
         self.send(self.presence_topic(), out.freeze());
+        drop(state);
     }
 
     /// A local member joined `group` with `label`, or changed its label.
@@ -1108,9 +1130,19 @@ impl Drop for Core {
 }
 
 /// Takes what waits for the bus to it, in order.
-async fn publish(core: Weak<Core>, mut queue: mpsc::Receiver<(String, Bytes)>) {
-    while let Some((topic, payload)) = queue.recv().await {
+async fn publish(core: Weak<Core>, mut queue: mpsc::Receiver<Outbound>) {
+    while let Some(message) = queue.recv().await {
         let Some(core) = core.upgrade() else { return };
+        let (topic, payload) = match message {
+            Outbound::Publish(topic, payload) => (topic, payload),
+            Outbound::Flush(done) => {
+                if let Err(e) = core.bus.flush().await {
+                    debug!(error = %e, "cluster: flush failed");
+                }
+                let _ = done.send(());
+                continue;
+            }
+        };
         let size = topic.len() + payload.len();
         core.outbound_bytes.fetch_sub(size, Ordering::AcqRel);
         let counter = if !core.bus.is_connected() {

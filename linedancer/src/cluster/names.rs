@@ -5,8 +5,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
-use super::{now_ms, Core};
+use super::{now_ms, Core, CLAIM_TIMEOUT};
 use crate::connections::{lock, ConnectionId};
 
 /// A registry of names, each held by one connection at a time, such as a chat's
@@ -70,10 +71,16 @@ impl fmt::Debug for Claim {
     }
 }
 
-/// Who holds each name on this node, and since when.
+/// Who holds each name on this node, and since when; and the names this node let
+/// another node claim.
 #[derive(Debug, Default)]
 pub(super) struct NameTable {
     held: HashMap<Arc<str>, Hold>,
+    /// Names another node's claim was told it may have: the claim's time, and until
+    /// when it is remembered. A claim of one of them from this node meanwhile is timed
+    /// after it, so that the other node, which may still be asking, refuses it: it
+    /// could not tell otherwise that its own claim was answered first.
+    promised: HashMap<Arc<str>, (u64, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -87,13 +94,37 @@ struct Hold {
 
 impl NameTable {
     /// Whether a claim of `name` by `id` from node `node` at `at` is to be refused
-    /// here, on node `here`: the name is held, or claimed earlier.
-    pub(super) fn refuses(&self, name: &str, id: ConnectionId, at: (u64, u16), here: u16) -> bool {
-        match self.held.get(name) {
+    /// here, on node `here`: the name is held, or claimed earlier. Not refused, it is
+    /// promised to that claim for a while.
+    pub(super) fn refuses(
+        &mut self,
+        name: &Arc<str>,
+        id: ConnectionId,
+        at: (u64, u16),
+        here: u16,
+    ) -> bool {
+        let refused = match self.held.get(name) {
             None => false,
             Some(hold) if hold.id == id => false,
             Some(hold) => hold.settled || (hold.at, here) < at,
+        };
+        if !refused {
+            let now = Instant::now();
+            self.promised.retain(|_, (_, until)| *until > now);
+            // Remembered past the other node's last moment to decide.
+            let until = now + 2 * CLAIM_TIMEOUT;
+            self.promised.insert(Arc::clone(name), (at.0, until));
         }
+        refused
+    }
+
+    /// The time of a claim of `name` made now on this node: now, or just after a
+    /// claim of another node this node answered lately.
+    fn claim_time(&self, name: &str) -> u64 {
+        let promised = (self.promised.get(name))
+            .filter(|(_, until)| *until > Instant::now())
+            .map_or(0, |(at, _)| at + 1);
+        now_ms().max(promised)
     }
 }
 
@@ -130,10 +161,11 @@ impl Names {
         if core.as_ref().is_some_and(|core| !core.is_connected()) {
             return Claim::Unavailable;
         }
-        let at = now_ms();
         let name: Arc<str> = name.into();
+        let at;
         {
             let mut table = lock(&self.table);
+            at = table.claim_time(&name);
             let hold = table.held.entry(Arc::clone(&name)).or_insert(Hold {
                 id,
                 at,

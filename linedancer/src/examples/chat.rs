@@ -219,7 +219,8 @@ impl Rooms {
 /// Every client starts as `guest<n>` in [`LOBBY`] (`guest<node tag>-<n>` on a cluster). A line is sent to everyone else in
 /// the room as `<nick> line`; lines starting with `/` are commands:
 ///
-/// - `/nick NAME`: change your nick, if nobody else has it (in any case);
+/// - `/nick NAME`: change your nick, if nobody else has it (in any case) and it is not
+///   a cluster guest's (`guest<node>-<n>`);
 /// - `/join ROOM`: leave your room for another (made on first use);
 /// - `/who`: list who is in your room, in one line: you, then up to [`WHO_LIMIT`]
 ///   others, then how many more there are;
@@ -291,6 +292,12 @@ impl Chat {
             ctx.send("* wait: another nick is being claimed".into());
             return;
         }
+        if is_cluster_guest(nick) {
+            let refusal =
+                format!("* the nick {nick} is a guest's: guest<node>-<n> is the server's");
+            ctx.send(refusal.into());
+            return;
+        }
         match ctx.state().claim(nick, ctx.id()) {
             Claim::Granted => self.renamed(nick, ctx),
             Claim::Taken => ctx.send(format!("* the nick {nick} is taken").into()),
@@ -319,6 +326,21 @@ impl Chat {
         ctx.join_as(&self.room, &self.nick);
         ctx.send(format!("* you are now {nick}").into());
     }
+}
+
+/// Whether `nick` has the form of a guest's nick on a cluster, `guest<node>-<n>` (in
+/// any case, with any suffix): the server gives those out, checking its own node only,
+/// so nobody may take one.
+fn is_cluster_guest(nick: &str) -> bool {
+    let Some(rest) = nick.get(..5).filter(|g| g.eq_ignore_ascii_case("guest")) else {
+        return false;
+    };
+    let rest = &nick[rest.len()..];
+    let Some((tag, number)) = rest.split_once('-') else {
+        return false;
+    };
+    let digits = number.bytes().take_while(u8::is_ascii_digit).count();
+    !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) && digits > 0
 }
 
 /// Checks a nick or room name: 1 to [`MAX_NAME_LENGTH`] characters, each an ASCII

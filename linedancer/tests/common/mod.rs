@@ -117,3 +117,12 @@ pub async fn exchange(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
     stream.read_exact(&mut reply).await.expect("read the echo");
     reply
 }
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
