@@ -8,16 +8,13 @@
 //! timeout marks that upstream down and the next one is tried, so the client never sees
 //! the failed one. Health checks (a TCP connect every few seconds, the upstream's host
 //! name resolved again each time) mark upstreams down and up again. Optionally the
-//! upstream first gets a PROXY protocol v2 header with the client's address. Then the
-//! bytes move both ways, and a half-close is passed on: when one side stops sending,
-//! the other side's write half is shut down, and the relay ends once both directions
-//! have. Between two TCP sockets they move with `splice(2)`, through a pipe, without
-//! being copied to user space (as HAProxy's `splice-auto`); from any other stream (TLS,
-//! a PROXY header read first, a Unix socket), with tokio's [`copy_bidirectional`]. The
-//! server's idle timeout (no byte moved either way) and send timeout (a side that takes
-//! none of the bytes waiting for it) apply to both sides; the relay holds at most 64 KiB
-//! (a pipe) or 8 KiB (a buffer) each way, so what waits for a slow side is bounded by
-//! construction. When the server shuts down, the relay stops and both
+//! upstream first gets a PROXY protocol v2 header with the client's address. Then
+//! tokio's [`copy_bidirectional`] moves bytes both ways and passes a half-close on: when
+//! one side stops sending, the other side's write half is shut down, and the relay ends
+//! once both directions have. The server's idle timeout (no byte moved either way) and
+//! send timeout (a side that takes none of the bytes waiting for it) apply to both
+//! sides; the relay holds one 8 KiB buffer each way, so what waits for a slow side is
+//! bounded by construction. When the server shuts down, the relay stops and both
 //! sockets are closed. Per-upstream counters are read through [`GatewayStats`].
 
 use std::io;
@@ -33,8 +30,6 @@ use tokio::io::{copy_bidirectional, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBu
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-
-mod splice;
 
 use crate::close::CloseReason;
 use crate::connections::Connection;
@@ -467,23 +462,16 @@ impl Gateway {
         debug!(upstream = %upstream.name, "relaying");
         let limits = conn.limits();
         let activity = Activity::default();
-        let relaying = async {
-            let tcp = (&*client as &dyn std::any::Any).downcast_ref::<TcpStream>();
-            if let Some(tcp) = tcp {
-                return splice::relay(tcp, &outbound, &activity).await;
-            }
-            let mut from = Watched {
-                inner: &mut *client,
-                activity: &activity,
-            };
-            let mut to = Watched {
-                inner: &mut outbound,
-                activity: &activity,
-            };
-            copy_bidirectional(&mut from, &mut to).await
+        let mut from = Watched {
+            inner: client,
+            activity: &activity,
+        };
+        let mut to = Watched {
+            inner: &mut outbound,
+            activity: &activity,
         };
         let relayed = tokio::select! {
-            relayed = relaying => relayed,
+            relayed = copy_bidirectional(&mut from, &mut to) => relayed,
             reason = activity.expired(limits.idle_timeout, limits.send_timeout) => {
                 debug!(upstream = %upstream.name, %reason, "relay cut");
                 conn.record_close(reason);
