@@ -562,12 +562,7 @@ impl Cluster {
     }
 
     fn stop(&self) {
-        for task in lock(&self.core.tasks).drain(..) {
-            task.abort();
-        }
-        for group in lock(&self.core.state).local.values() {
-            group.subscription.abort();
-        }
+        self.core.stop();
     }
 
     /// Connects the cluster to a server's connections: what [`Builder::cluster`]
@@ -1068,6 +1063,16 @@ impl Core {
         self.bus.is_connected()
     }
 
+    /// Ends the node's tasks: its listeners, publisher, heartbeats and groups.
+    fn stop(&self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+        for group in lock(&self.state).local.values() {
+            group.subscription.abort();
+        }
+    }
+
     /// Takes nodes that stopped saying they are alive for gone, and says this one is.
     fn tick(&self) {
         let timeout = self.options.node_timeout;
@@ -1123,9 +1128,7 @@ impl NodeView {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
+        self.stop();
     }
 }
 
