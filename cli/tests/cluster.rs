@@ -195,8 +195,8 @@ async fn say_round(clients: &mut [Client], indices: &[usize], round: usize) {
     futures_util::future::join_all(saying).await;
 }
 
-/// What one round delivered to `listeners`: for each of them, the lines of `round`
-/// from every other `sender` of its room, at most `wait` long.
+/// What one round delivered: to each speaker, the lines of the round from every other
+/// speaker of its room.
 struct Delivery {
     expected: usize,
     delivered: usize,
@@ -205,24 +205,40 @@ struct Delivery {
     missing: usize,
 }
 
-async fn collect_round(
+/// Every client in `speakers` says `LINES` lines of `round`; then checks that each heard
+/// every line of the others in its room once, in each sender's order, and prints the
+/// figures as `what`.
+async fn round(
     clients: &mut [Client],
-    listeners: &[usize],
-    senders: &[usize],
+    speakers: &[usize],
     room_of: &[usize],
     round: usize,
-    wait: Duration,
+    what: &str,
+) {
+    let start = Instant::now();
+    say_round(clients, speakers, round).await;
+    let delivery = collect_round(clients, speakers, room_of, round).await;
+    eprintln!("{what}: heard in {:?}", start.elapsed());
+    check(&delivery, what);
+}
+
+/// What `round` delivered to `speakers`, waiting up to 30 s for all of it.
+async fn collect_round(
+    clients: &mut [Client],
+    speakers: &[usize],
+    room_of: &[usize],
+    round: usize,
 ) -> Delivery {
     let expected_for = |clients: &[Client], l: usize| -> HashSet<String> {
-        (senders.iter())
+        (speakers.iter())
             .filter(|&&s| s != l && room_of[s] == room_of[l])
             .map(|&s| clients[s].nick.clone())
             .collect()
     };
-    let end = Instant::now() + wait;
+    let end = Instant::now() + Duration::from_secs(30);
     loop {
         let mut complete = true;
-        for &l in listeners {
+        for &l in speakers {
             clients[l].drain();
             let want = expected_for(clients, l).len() * LINES;
             let got = (clients[l].heard.iter()).filter(|h| h.1 == round).count();
@@ -240,7 +256,7 @@ async fn collect_round(
         out_of_order: 0,
         missing: 0,
     };
-    for &l in listeners {
+    for &l in speakers {
         let from = expected_for(clients, l);
         delivery.expected += from.len() * LINES;
         let mut by_sender: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -282,15 +298,8 @@ fn check(delivery: &Delivery, what: &str) {
     assert_eq!(delivery.delivered, delivery.expected, "{what}");
 }
 
-/// Waits until every client in `probes` counts `sizes[room]` members with `/who`;
-/// returns how long that took.
-async fn until_rooms(
-    clients: &mut [Client],
-    probes: &[usize],
-    sizes: &[usize],
-    room_of: &[usize],
-) -> Duration {
-    let start = Instant::now();
+/// Waits until every client in `probes` counts `sizes[room]` members with `/who`.
+async fn until_rooms(clients: &mut [Client], probes: &[usize], sizes: &[usize], room_of: &[usize]) {
     for &p in probes {
         let want = sizes[room_of[p]];
         let mut tries = 0;
@@ -308,7 +317,6 @@ async fn until_rooms(
             sleep(Duration::from_millis(50)).await;
         }
     }
-    start.elapsed()
 }
 
 /// The peers of every connection a node lists on its admin endpoint.
@@ -451,19 +459,7 @@ async fn scale_out() {
 
     // Round 1: everyone speaks.
     let everyone: Vec<usize> = (0..CLIENTS).collect();
-    let round_start = Instant::now();
-    say_round(&mut clients, &everyone, 1).await;
-    let delivery = collect_round(
-        &mut clients,
-        &everyone,
-        &everyone,
-        &room_of,
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
-    eprintln!("round 1 in {:?}", round_start.elapsed());
-    check(&delivery, "round 1, three nodes");
+    round(&mut clients, &everyone, &room_of, 1, "round 1, three nodes").await;
 
     // SIGKILL node 1: its clients are cut off; the others go on.
     let killed = 0;
@@ -481,17 +477,14 @@ async fn scale_out() {
     until_rooms(&mut clients, &probes, &sizes, &room_of).await;
     let gone_after = kill_time.elapsed();
     eprintln!("the killed node's members left the lists {gone_after:?} after SIGKILL");
-    say_round(&mut clients, &survivors, 2).await;
-    let delivery = collect_round(
+    round(
         &mut clients,
-        &survivors,
         &survivors,
         &room_of,
         2,
-        Duration::from_secs(30),
+        "round 2, after a node was killed",
     )
     .await;
-    check(&delivery, "round 2, after a node was killed");
     for i in (0..CLIENTS).filter(|&i| node_of[i] == killed).take(5) {
         let client = &mut clients[i];
         let cut = timeout(Duration::from_secs(10), async {
@@ -525,17 +518,14 @@ async fn scale_out() {
         }
     };
     eprintln!("delivery across nodes resumed {resumed:?} after NATS went down");
-    say_round(&mut clients, &survivors, 3).await;
-    let delivery = collect_round(
+    round(
         &mut clients,
-        &survivors,
         &survivors,
         &room_of,
         3,
-        Duration::from_secs(30),
+        "round 3, after NATS restarted",
     )
     .await;
-    check(&delivery, "round 3, after NATS restarted");
     for (node, _) in &mut nodes[1..] {
         assert!(node.child.try_wait().unwrap().is_none(), "a node exited");
     }

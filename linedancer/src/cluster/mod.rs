@@ -434,7 +434,7 @@ impl Cluster {
             .find(|other| other.name != core.node && tag_of_name(&other.name) == core.tag)
             .map(|other| other.name.clone());
         if let Some(other) = clash {
-            cluster.stop();
+            cluster.core.stop();
             return Err(refuse(&format!(
                 "its id tag is that of node '{other}', alive in the cluster: choose another name"
             )));
@@ -557,12 +557,8 @@ impl Cluster {
         {
             debug!("cluster: the goodbye did not reach the bus in time");
         }
-        self.stop();
+        core.stop();
         info!(node = %core.node, "left the cluster");
-    }
-
-    fn stop(&self) {
-        self.core.stop();
     }
 
     /// Connects the cluster to a server's connections: what [`Builder::cluster`]
@@ -649,30 +645,22 @@ impl Core {
     /// weakly: it ends with the node.
     fn listen(
         self: &Arc<Self>,
-        mut stream: BoxStream<'static, Bytes>,
+        stream: BoxStream<'static, Bytes>,
         handle: impl Fn(&Arc<Core>, Bytes) -> Option<()> + Send + 'static,
     ) -> AbortHandle {
-        let core = Arc::downgrade(self);
-        let task = self.runtime.spawn(async move {
-            while let Some(payload) = stream.next().await {
-                let Some(core) = core.upgrade() else { return };
-                core.counters.received.fetch_add(1, Ordering::Relaxed);
-                if handle(&core, payload).is_none() {
-                    core.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
+        let task = self
+            .runtime
+            .spawn(pump(Arc::downgrade(self), stream, handle));
         task.abort_handle()
     }
 
-    /// Subscribes to `group`'s subject, delivering what comes to the local members.
+    /// Subscribes to `group`'s subject, delivering what comes to the local members, in
+    /// a task that the group's entry ends.
     fn subscribe_group(self: &Arc<Self>, group: Arc<str>) -> AbortHandle {
         let core = Arc::downgrade(self);
+        let bus = Arc::clone(&self.bus);
         let topic = self.group_topic(&group);
         let task = self.runtime.spawn(async move {
-            let Some(bus) = core.upgrade().map(|c| Arc::clone(&c.bus)) else {
-                return;
-            };
             let stream = match bus.subscribe(topic).await {
                 Ok(stream) => stream,
                 Err(e) => {
@@ -690,18 +678,7 @@ impl Core {
                 let deliver = core.deliver.get()?;
                 deliver.group(&group, except, reader.rest())
             };
-            let Some(listening) = core.upgrade().map(|c| c.listen(stream, handle)) else {
-                return;
-            };
-            // This task is what the group's entry holds: it ends the listener with it.
-            struct Stop(AbortHandle);
-            impl Drop for Stop {
-                fn drop(&mut self) {
-                    self.0.abort();
-                }
-            }
-            let _stop = Stop(listening);
-            std::future::pending::<()>().await;
+            pump(core, stream, handle).await;
         });
         task.abort_handle()
     }
@@ -1059,10 +1036,6 @@ impl Core {
         })
     }
 
-    fn is_connected(&self) -> bool {
-        self.bus.is_connected()
-    }
-
     /// Ends the node's tasks: its listeners, publisher, heartbeats and groups.
     fn stop(&self) {
         for task in lock(&self.tasks).drain(..) {
@@ -1129,6 +1102,22 @@ impl NodeView {
 impl Drop for Core {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Runs `handle` on every payload of `stream` while the node lives, counting what is
+/// received and what cannot be read.
+async fn pump(
+    core: Weak<Core>,
+    mut stream: BoxStream<'static, Bytes>,
+    handle: impl Fn(&Arc<Core>, Bytes) -> Option<()>,
+) {
+    while let Some(payload) = stream.next().await {
+        let Some(core) = core.upgrade() else { return };
+        core.counters.received.fetch_add(1, Ordering::Relaxed);
+        if handle(&core, payload).is_none() {
+            core.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -158,7 +158,7 @@ impl Names {
     /// reserved here and then [`Asking`](Claim::Asking) the other nodes.
     pub fn claim(&self, name: &str, id: ConnectionId) -> Claim {
         let core = self.cluster.as_ref().and_then(Weak::upgrade);
-        if core.as_ref().is_some_and(|core| !core.is_connected()) {
+        if core.as_ref().is_some_and(|core| !core.bus.is_connected()) {
             return Claim::Unavailable;
         }
         let name: Arc<str> = name.into();
