@@ -5,9 +5,13 @@ Both relay to the same upstream, the hand-written tokio echo (`baseline_echo`), 
 are loaded by the same client (`linedancer bench`). The relay under test runs on one
 thread pinned to CPU 0 (`serve gateway --threads 1`; HAProxy with `nbthread 1`, in
 `mode tcp`, once without and once with `option splice-auto`); the upstream and the
-client share CPU 1. As in compare.py the relays take turns in every round, the order
-rotating from round to round, because this machine drifts by tens of percent for
-minutes at a time; ratios are the median (and range) of each round's ratio.
+client share CPU 1. The three relays are started at the beginning of a round and stay
+up through it (all on CPU 0; those not under load sleep); in each scenario they take
+turns, the order rotating from round to round, because this machine drifts by tens of
+percent for minutes at a time: a scenario's runs in a round are seconds apart, and
+ratios are the median (and range) of each round's ratio. `--a-a` puts a second HAProxy
+(without splice-auto) in the gateway's place, to show how far apart this machine
+measures two identical relays.
 
 Scenarios: `small-50` (50 connections, 32-byte messages, one at a time),
 `pipelined-50x16` (16 in flight per connection), `64k-50` (64 KiB messages) and
@@ -17,6 +21,7 @@ request; per byte it is the same ratio, as both relays move the same bytes.
 
     python3 bench/gateway_compare.py                         # 4 rounds of 3 s
     python3 bench/gateway_compare.py --rounds 6 --scenarios 64k-50,small-50
+    python3 bench/gateway_compare.py --a-a --rounds 6        # the machine's noise
 
 Needs haproxy (Debian's package `haproxy`, 2.6 here).
 """
@@ -97,19 +102,16 @@ def start_relay(relay, upstream, workdir):
     return process, f"127.0.0.1:{port}"
 
 
-def run_once(relay, scenario, upstream, args, workdir):
-    process, addr = start_relay(relay, upstream, workdir)
-    try:
-        bench = [LINEDANCER, "bench", *SCENARIOS[scenario], "--addr", addr, "--json",
-                 "--pid", str(process.pid), "--duration", args.duration,
-                 "--warmup", args.warmup]
-        out = subprocess.run(pinned(1, bench), capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, RUST_LOG="warn"))
-        if out.returncode != 0:
-            raise RuntimeError(f"bench failed: {out.stderr.strip()}")
-        return json.loads(out.stdout)
-    finally:
-        stop_server(process)
+def run_once(process, addr, scenario, args):
+    """One run of `scenario` through the relay `process` listening on `addr`."""
+    bench = [LINEDANCER, "bench", *SCENARIOS[scenario], "--addr", addr, "--json",
+             "--pid", str(process.pid), "--duration", args.duration,
+             "--warmup", args.warmup]
+    out = subprocess.run(pinned(1, bench), capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, RUST_LOG="warn"))
+    if out.returncode != 0:
+        raise RuntimeError(f"bench failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
 
 
 def main():
@@ -118,6 +120,9 @@ def main():
     parser.add_argument("--duration", default="3s")
     parser.add_argument("--warmup", default="1s")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--a-a", action="store_true",
+                        help="run HAProxy (without splice-auto) in the gateway's place too: "
+                             "an A/A comparison, to see this machine's noise")
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -133,24 +138,36 @@ def main():
     upstream_process, upstream = start_server(pinned(1, [BASELINE, "--port", "0"]),
                                               dict(os.environ))
     runs = {s: {relay: [] for relay in RELAYS} for s in scenarios}
+    labels = dict(zip(RELAYS, RELAYS))
+    if args.a_a:
+        labels["linedancer"] = "haproxy (A/A)"
     try:
         for round_number in range(args.rounds):
             order = RELAYS[round_number % 3:] + RELAYS[:round_number % 3]
-            for scenario in scenarios:
+            started = {}
+            try:
                 for relay in order:
-                    result = run_once(relay, scenario, upstream, args, workdir)
-                    runs[scenario][relay].append(result)
-                    print(f"round {round_number + 1} {scenario:<16} {relay:<15} "
-                          f"{result['requests_per_sec']:>12,.0f} req/s "
-                          f"{result['echoed_bytes_per_sec'] / 1e6:>9.1f} MB/s  "
-                          f"errors {result['errors_total']}", flush=True)
+                    kind = "haproxy" if args.a_a and relay == "linedancer" else relay
+                    started[relay] = start_relay(kind, upstream, workdir)
+                for scenario in scenarios:
+                    for relay in order:
+                        result = run_once(*started[relay], scenario, args)
+                        runs[scenario][relay].append(result)
+                        print(f"round {round_number + 1} {scenario:<16} {labels[relay]:<15} "
+                              f"{result['requests_per_sec']:>12,.0f} req/s "
+                              f"{result['echoed_bytes_per_sec'] / 1e6:>9.1f} MB/s  "
+                              f"errors {result['errors_total']}", flush=True)
+            finally:
+                for process, _ in started.values():
+                    stop_server(process)
     finally:
         stop_server(upstream_process)
 
-    print(f"\n{args.rounds} rounds, {args.duration} each; ratios are linedancer / HAProxy "
+    first = labels["linedancer"]
+    print(f"\n{args.rounds} rounds, {args.duration} each; ratios are {first} / HAProxy "
           "(without, with splice-auto)\n")
-    print("| scenario | linedancer req/s | HAProxy req/s | HAProxy splice req/s | ratio | "
-          "ratio vs splice | linedancer CPU µs/req | HAProxy CPU µs/req | HAProxy splice "
+    print(f"| scenario | {first} req/s | HAProxy req/s | HAProxy splice req/s | ratio | "
+          f"ratio vs splice | {first} CPU µs/req | HAProxy CPU µs/req | HAProxy splice "
           "CPU µs/req | CPU ratio | CPU ratio vs splice |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for scenario in scenarios:

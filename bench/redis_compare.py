@@ -9,11 +9,13 @@ at a time: only runs interleaved in time compare. Where `taskset` exists the ser
 pinned to CPU 0 and redis-benchmark to CPU 1. Use an even number of rounds, so that each
 server goes first as often.
 
-In a round, for each pipeline depth, each server is started once and stays up while
-redis-benchmark runs one invocation per test (`-t set`, then `-t get`, then `-t incr`),
-so that the server's CPU time (utime + stime from /proc/PID/stat, all threads) can be
-read before and after each test and divided by its requests. Before the measured tests a
-short unmeasured pass of every test warms the fresh server up (`--warmup`).
+In a round, for each pipeline depth, both servers are started (both on CPU 0: the one
+not under load sleeps) and stay up while redis-benchmark runs one invocation per test
+(`-t set`, then `-t get`, then `-t incr`) against one and then the other, so that a
+test's two runs are seconds apart, and so that each server's CPU time (utime + stime
+from /proc/PID/stat, all threads) can be read before and after each test and divided by
+its requests. Before the measured tests a short unmeasured pass of every test warms the
+fresh servers up (`--warmup`).
 
 For every test and pipeline depth it prints the medians, the min-max, the server's CPU
 time per request, and the ratios linedancer / redis: the median (and range) of each
@@ -34,7 +36,7 @@ redis-benchmark runs without `-r` by default, as in its own default: every SET a
 hits one key (`key:__rand_int__`) and every INCR one counter, so the comparison is of
 the serving path (reading, parsing, dispatch, replies), not of a hash table under a
 large keyspace; `--keyspace N` passes `-r N` for random keys among N. The number of
-requests per test (`--requests-p1`, `--requests-p16`) is meant for about 2-3 s a test.
+requests per test (`--requests-p1`, `--requests-p16`) is meant for about 2 s a test.
 
 Needs redis-server (Debian package `redis-server`) and redis-benchmark (`redis-tools`).
 linedancer logs nothing per connection during the runs (RUST_LOG=warn), redis-server
@@ -158,33 +160,45 @@ def requests_for(pipeline, args):
     return args.requests_p1 if pipeline == 1 else args.requests_p16
 
 
-def run_pipeline(server, pipeline, args):
-    """Starts `server` and runs every test at `pipeline` against it; returns
-    {test: result}."""
-    process, addr = start(server, args)
+def measure(process, addr, test, pipeline, args):
+    """One measured redis-benchmark run of `test` against the server `process`."""
+    requests = requests_for(pipeline, args)
+    cpu_before = server_cpu_seconds(process.pid)
+    wall_before = time.monotonic()
+    row = benchmark(addr, test, pipeline, requests, args)
+    wall = time.monotonic() - wall_before
+    cpu = server_cpu_seconds(process.pid) - cpu_before
+    return {
+        "requests": requests,
+        "requests_per_sec": row["rps"],
+        "server_cpu_seconds": cpu,
+        "server_cpu_us_per_request": cpu * 1e6 / requests,
+        "wall_seconds": wall,
+        **{k: v for k, v in row.items() if k.endswith("_ms")},
+    }
+
+
+def run_pipeline(order, pipeline, args):
+    """Starts both servers (both on CPU 0; the one not under load sleeps) and runs every
+    test at `pipeline` against one, then the other, in `order`: a test's two runs are
+    seconds apart. Returns {server: {test: result}}."""
+    started = {}
     try:
+        for server in order:
+            started[server] = start(server, args)
         if args.warmup:
             for test in args.tests:
-                benchmark(addr, test, pipeline, args.warmup, args)
-        results = {}
+                for server in order:
+                    benchmark(started[server][1], test, pipeline, args.warmup, args)
+        results = {server: {} for server in order}
         for test in args.tests:
-            requests = requests_for(pipeline, args)
-            cpu_before = server_cpu_seconds(process.pid)
-            wall_before = time.monotonic()
-            row = benchmark(addr, test, pipeline, requests, args)
-            wall = time.monotonic() - wall_before
-            cpu = server_cpu_seconds(process.pid) - cpu_before
-            results[test] = {
-                "requests": requests,
-                "requests_per_sec": row["rps"],
-                "server_cpu_seconds": cpu,
-                "server_cpu_us_per_request": cpu * 1e6 / requests,
-                "wall_seconds": wall,
-                **{k: v for k, v in row.items() if k.endswith("_ms")},
-            }
+            for server in order:
+                process, addr = started[server]
+                results[server][test] = measure(process, addr, test, pipeline, args)
         return results
     finally:
-        stop_server(process)
+        for process, _ in started.values():
+            stop_server(process)
 
 
 def row_name(test, pipeline):
@@ -201,7 +215,7 @@ def main():
                         help="redis-benchmark tests (-t), one invocation each")
     parser.add_argument("--pipelines", default="1,16", help="pipeline depths (-P)")
     parser.add_argument("--clients", type=int, default=50, help="connections (-c)")
-    parser.add_argument("--requests-p1", type=int, default=300_000,
+    parser.add_argument("--requests-p1", type=int, default=150_000,
                         help="requests per test without pipelining (-n)")
     parser.add_argument("--requests-p16", type=int, default=3_000_000,
                         help="requests per test with pipelining, any -P above 1 (-n)")
@@ -253,18 +267,19 @@ def main():
     for round_ in range(args.rounds):
         order = ["linedancer", "redis"] if round_ % 2 == 0 else ["redis", "linedancer"]
         for pipeline in pipelines:
-            for server in order:
-                try:
-                    results = run_pipeline(server, pipeline, args)
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    sys.exit(f"error: {e}")
-                for test, result in results.items():
+            try:
+                results = run_pipeline(order, pipeline, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                sys.exit(f"error: {e}")
+            for test in args.tests:
+                for server in order:
+                    result = results[server][test]
                     runs[row_name(test, pipeline)][server].append(result)
                     print(f"round {round_ + 1} {row_name(test, pipeline):10} "
                           f"{labels[server]:10} {result['requests_per_sec']:>12,.0f} req/s "
                           f"{result['server_cpu_us_per_request']:>7.2f} CPU µs/req",
                           file=sys.stderr, flush=True)
-                time.sleep(0.5)  # let the sockets of the last run leave the port table
+            time.sleep(0.5)  # let the sockets of the last runs leave the port table
 
     a, b = labels["linedancer"], labels["redis"]
     requests = ", ".join(f"P{p} {requests_for(p, args):,}" for p in pipelines)
