@@ -157,7 +157,8 @@ impl Client {
         }
     }
 
-    /// Waits for a line starting with `prefix`.
+    /// Waits for a line starting with `prefix`; the lines before it are kept in
+    /// `other`.
     async fn wait_for(&mut self, prefix: &str) -> String {
         loop {
             let line = (self.next_other().await)
@@ -165,6 +166,7 @@ impl Client {
             if line.starts_with(prefix) {
                 return line;
             }
+            self.other.push(line);
         }
     }
 
@@ -485,6 +487,43 @@ async fn scale_out() {
         "round 2, after a node was killed",
     )
     .await;
+    // Each survivor was told of every member of its room that went with the node,
+    // once.
+    let mut told_in_all = 0;
+    for &i in &survivors {
+        let want: HashSet<String> = (0..CLIENTS)
+            .filter(|&k| node_of[k] == killed && room_of[k] == room_of[i])
+            .map(|k| format!("* {} left (their server went away)", clients[k].nick))
+            .collect();
+        let client = &mut clients[i];
+        client.drain();
+        let mut told: Vec<String> = Vec::new();
+        loop {
+            told.extend(
+                client
+                    .other
+                    .drain(..)
+                    .filter(|line| line.ends_with(" left (their server went away)")),
+            );
+            if told.len() >= want.len() {
+                break;
+            }
+            let line = timeout(Duration::from_secs(10), client.next_other())
+                .await
+                .unwrap_or_else(|_| panic!("{} was told of {told:?} only", client.nick))
+                .expect("a survivor stays connected");
+            client.other.push(line);
+        }
+        let unique: HashSet<String> = told.iter().cloned().collect();
+        assert_eq!(unique.len(), told.len(), "told twice: {told:?}");
+        assert_eq!(unique, want, "{}", client.nick);
+        told_in_all += told.len();
+    }
+    eprintln!(
+        "{} survivors told of the members of their room gone with the node: {told_in_all} \
+         announcements, each once",
+        survivors.len()
+    );
     for i in (0..CLIENTS).filter(|&i| node_of[i] == killed).take(5) {
         let client = &mut clients[i];
         let cut = timeout(Duration::from_secs(10), async {

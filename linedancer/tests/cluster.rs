@@ -791,7 +791,8 @@ async fn kv_publish_reaches_a_subscriber_on_the_other_node() {
 }
 
 /// Ensure each node lists the other's members with their node and label, drops one
-/// that disconnects, and drops a node that leaves, with its members, at once.
+/// that disconnects, and drops a node that leaves, with its members, at once (a member
+/// that left first is announced once, not again with its node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
     bounded(async {
@@ -799,7 +800,7 @@ async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
         let (a, server_a) = chat_node(&nats.url(), "a").await;
         let (b, server_b) = chat_node(&nats.url(), "b").await;
         meet(&a, &b).await;
-        let (ann, ann_nick) = chatter(&server_a).await;
+        let (mut ann, ann_nick) = chatter(&server_a).await;
         let (bob, bob_nick) = chatter(&server_b).await;
         let ann_member = Member {
             id: ann.id_on(&server_a),
@@ -840,7 +841,7 @@ async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
 
         // Cy joins on b, then b shuts down and leaves: a forgets b and its members at
         // once, well before b would have timed out.
-        let (_cy, _) = chatter(&server_b).await;
+        let (_cy, cy_nick) = chatter(&server_b).await;
         eventually("a lists cy", PATIENCE, || a.members(LOBBY).len() == 2).await;
         server_b.shutdown_with_timeout(Duration::from_secs(2)).await;
         b.leave().await;
@@ -853,6 +854,12 @@ async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
         assert_eq!(a.node_of(bob_member.id), None);
         let stats = a.stats();
         assert_eq!((stats.nodes, stats.nodes_lost), (0, 0), "{stats:?}");
+        // Cy's connection ended before b left, and said so: ann is told once, and not
+        // again as a member gone with its node.
+        ann.until(&format!("* {cy_nick} left")).await;
+        ann.send("/who").await;
+        let before = ann.until(&format!("* in {LOBBY}: {ann_nick} (you)")).await;
+        assert!(before.iter().all(|l| !l.contains(" left")), "{before:?}");
 
         drop(ann);
         stop(server_a, &a).await;
@@ -861,8 +868,8 @@ async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
 }
 
 /// Ensure a node that falls silent without a goodbye (its bus connection cut, as in a
-/// crash) is taken for gone after the node timeout, with its members, and that it is
-/// taken back, with its members, once it is heard again.
+/// crash) is taken for gone after the node timeout, with its members, whose rooms are
+/// told they left, and that it is taken back, with its members, once it is heard again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_dropped_after_its_timeout_and_taken_back() {
     bounded(async {
@@ -896,6 +903,11 @@ async fn a_silent_node_is_dropped_after_its_timeout_and_taken_back() {
         assert_eq!(a.stats().nodes_lost, 1);
         assert_eq!(a.node_of(bob_id), None);
         assert_eq!(a.remote_size(LOBBY), 0);
+        // Bob did not leave; his node went: ann is told, once.
+        let before = ann
+            .until(&format!("* {bob_nick} left (their server went away)"))
+            .await;
+        assert!(before.iter().all(|l| !l.contains(" left")), "{before:?}");
         assert_eq!(
             who(&mut ann).await,
             format!("* in {LOBBY}: {ann_nick} (you)")

@@ -14,8 +14,11 @@
 //! joins or leaves a group (with a label, such as a chat nick: [`Ctx::join_as`]), says
 //! it is alive once a second, and sends everything it has to a node that missed a
 //! change or has just arrived. A node that stops saying it is alive for
-//! [`ClusterOptions::node_timeout`] is taken for gone, with its members. [`Names`]
-//! hands out names that are unique across the cluster, such as nicks.
+//! [`ClusterOptions::node_timeout`] is taken for gone, with its members; the local
+//! members of their groups are sent what [`ClusterMessage::member_lost`] makes of each
+//! (the chat's "* nick left (their server went away)"), unless this node is cut off
+//! from the bus itself. [`Names`] hands out names that are unique across the cluster,
+//! such as nicks.
 //!
 //! When the bus goes away, local delivery goes on; messages for other nodes are
 //! dropped and counted ([`ClusterStats::dropped`]) until it is back, the bus
@@ -778,12 +781,13 @@ impl Core {
                     }
                     return Some(());
                 }
-                let node = self.view(&mut state, tag, incarnation, &name);
+                let (node, earlier) = self.view(&mut state, tag, incarnation, &name);
                 node.last_seen = Instant::now();
                 if node.seq != seq && node.syncing.is_none() {
                     self.ask_sync(node, tag);
                 }
                 drop(state);
+                self.members_lost(earlier);
                 if hello {
                     self.heartbeat(false);
                 }
@@ -827,6 +831,8 @@ impl Core {
                 {
                     if let Some(node) = state.nodes.remove(&tag) {
                         info!(node = %node.name, "cluster: a node left");
+                        drop(state);
+                        self.members_lost(Some(node.groups));
                     }
                 }
             }
@@ -835,23 +841,37 @@ impl Core {
         Some(())
     }
 
-    /// The view of node `tag`, made afresh if it is new or has restarted.
+    /// The view of node `tag`, made afresh if it is new or has restarted, with the
+    /// members of its earlier run if it has.
     fn view<'s>(
         &self,
         state: &'s mut State,
         tag: u16,
         incarnation: u64,
         name: &Arc<str>,
-    ) -> &'s mut NodeView {
+    ) -> (&'s mut NodeView, Option<HashMap<Arc<str>, Group>>) {
         let node = state.nodes.entry(tag).or_insert_with(|| {
             info!(node = %name, "cluster: a node joined");
             NodeView::new(name, incarnation)
         });
+        let mut earlier = None;
         if node.incarnation != incarnation {
             info!(node = %name, "cluster: a node restarted");
-            *node = NodeView::new(name, incarnation);
+            earlier = Some(std::mem::replace(node, NodeView::new(name, incarnation)).groups);
         }
-        node
+        (node, earlier)
+    }
+
+    /// Tells this node's members of the members that went with other nodes.
+    fn members_lost(&self, gone: impl IntoIterator<Item = HashMap<Arc<str>, Group>>) {
+        let Some(deliver) = self.deliver.get() else {
+            return;
+        };
+        for groups in gone {
+            for (group, members) in &groups {
+                deliver.lost(group, members);
+            }
+        }
     }
 
     /// Asks node `tag` for its whole membership.
@@ -1050,6 +1070,7 @@ impl Core {
     fn tick(&self) {
         let timeout = self.options.node_timeout;
         let mut state = lock(&self.state);
+        let mut gone = Vec::new();
         state.nodes.retain(|_, node| {
             let alive = node.last_seen.elapsed() <= timeout;
             if !alive {
@@ -1059,10 +1080,16 @@ impl Core {
                     "cluster: a node stopped answering; its members are gone"
                 );
                 self.counters.nodes_lost.fetch_add(1, Ordering::Relaxed);
+                gone.push(std::mem::take(&mut node.groups));
             }
             alive
         });
         drop(state);
+        // Cut off from the bus, this node cannot tell a node gone from one out of
+        // reach: its members leave the lists, but nobody is told they left.
+        if self.bus.is_connected() {
+            self.members_lost(gone);
+        }
         self.heartbeat(false);
     }
 }
@@ -1175,6 +1202,8 @@ trait Deliver: Send + Sync {
     fn group(&self, group: &str, except: Option<ConnectionId>, message: Bytes) -> Option<()>;
     /// A message for connection `to`.
     fn direct(&self, to: ConnectionId, message: Bytes) -> Option<()>;
+    /// Members of `group` on another node went with it.
+    fn lost(&self, group: &str, members: &Group);
 }
 
 /// What ties a cluster to a server whose mailboxes take `M`.
@@ -1197,6 +1226,19 @@ impl<M: ClusterMessage> Deliver for Glue<M> {
         // Ended, or a full mailbox: the receiver's business, as on one node.
         drop(connections.post_local(to, message));
         Some(())
+    }
+
+    fn lost(&self, group: &str, members: &Group) {
+        let Some(connections) = self.connections.upgrade() else {
+            return;
+        };
+        let mut members: Vec<_> = members.iter().collect();
+        members.sort_unstable_by_key(|(id, _)| **id);
+        for (_, label) in members {
+            if let Some(message) = M::member_lost(group, label) {
+                connections.broadcast_local(group, &|| message.clone(), None);
+            }
+        }
     }
 }
 

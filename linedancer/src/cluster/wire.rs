@@ -39,6 +39,16 @@ pub trait ClusterMessage: Clone + Send + 'static {
     /// Reads a message written by [`encode`](ClusterMessage::encode), on another node;
     /// `None` for bytes that are not one (they are dropped and counted).
     fn decode(bytes: Bytes) -> Option<Self>;
+
+    /// What this node's members of `group` are sent for a member of another node that
+    /// went with its node (it stopped answering, left, or came back as a new run)
+    /// without leaving first, `label` being what it joined as
+    /// ([`Ctx::join_as`](crate::Ctx::join_as)); the chat's "* nick left". `None`, the
+    /// default: nothing is sent.
+    fn member_lost(group: &str, label: &str) -> Option<Self> {
+        let _ = (group, label);
+        None
+    }
 }
 
 impl ClusterMessage for () {

@@ -13,7 +13,8 @@
 //!
 //! On a [cluster](crate::cluster) ([`Rooms::clustered`]), rooms span the nodes: lines,
 //! comings and goings reach the room's members on every node, `/who` lists them all,
-//! and nicks are unique across the cluster.
+//! and nicks are unique across the cluster. The members of a node that stops answering
+//! leave with it: their rooms hear `* nick left (their server went away)`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -88,6 +89,12 @@ impl ClusterMessage for ChatMessage {
             }),
             _ => None,
         }
+    }
+
+    fn member_lost(_room: &str, nick: &str) -> Option<Self> {
+        Some(ChatMessage::Line(
+            format!("* {nick} left (their server went away)").into(),
+        ))
     }
 }
 
