@@ -173,6 +173,12 @@ fn quick_options() -> ClusterOptions {
     options
 }
 
+/// Node `name` on the NATS server at `url`, with `options`.
+async fn node_on(url: &str, name: &str, options: ClusterOptions) -> Cluster {
+    let bus = NatsBus::connect(url, name).await.expect("connect to NATS");
+    (Cluster::join(Arc::new(bus), name, options).await).expect("join the cluster")
+}
+
 /// Waits until `a` and `b` know each other.
 async fn meet(a: &Cluster, b: &Cluster) {
     let knows = |x: &Cluster, y: &Cluster| x.nodes().iter().any(|n| &*n.name == y.node());
@@ -867,6 +873,44 @@ async fn members_are_listed_across_nodes_until_they_or_their_node_leave() {
     .await;
 }
 
+/// Two chat nodes that know each other, with ann on a and bob on b.
+struct Pair {
+    a: Cluster,
+    b: Cluster,
+    server_a: ServerHandle<ChatMessage>,
+    server_b: ServerHandle<ChatMessage>,
+    ann: Client,
+    ann_nick: String,
+    bob: Client,
+    bob_nick: String,
+    bob_id: ConnectionId,
+}
+
+/// Node a on the NATS server at `url_a` and node b at `url_b`, both with `options()`,
+/// once a lists ann and bob.
+async fn pair(url_a: &str, url_b: &str, options: impl Fn() -> ClusterOptions) -> Pair {
+    let a = node_on(url_a, "a", options()).await;
+    let b = node_on(url_b, "b", options()).await;
+    let server_a = chat_server(&a).await;
+    let server_b = chat_server(&b).await;
+    meet(&a, &b).await;
+    let (ann, ann_nick) = chatter(&server_a).await;
+    let (bob, bob_nick) = chatter(&server_b).await;
+    let bob_id = bob.id_on(&server_b);
+    eventually("a lists bob", PATIENCE, || a.members(LOBBY).len() == 2).await;
+    Pair {
+        a,
+        b,
+        server_a,
+        server_b,
+        ann,
+        ann_nick,
+        bob,
+        bob_nick,
+        bob_id,
+    }
+}
+
 /// Ensure a node that falls silent without a goodbye (its bus connection cut, as in a
 /// crash) is taken for gone after the node timeout, with its members, whose rooms are
 /// told they left, and that it is taken back, with its members, once it is heard again.
@@ -875,21 +919,17 @@ async fn a_silent_node_is_dropped_after_its_timeout_and_taken_back() {
     bounded(async {
         let nats = Nats::start().await;
         let mut relay = Relay::start(nats.addr()).await;
-        let bus_a = NatsBus::connect(&nats.url(), "a").await.unwrap();
-        let a = Cluster::join(Arc::new(bus_a), "a", quick_options())
-            .await
-            .unwrap();
-        let bus_b = NatsBus::connect(&relay.url(), "b").await.unwrap();
-        let b = Cluster::join(Arc::new(bus_b), "b", quick_options())
-            .await
-            .unwrap();
-        let server_a = chat_server(&a).await;
-        let server_b = chat_server(&b).await;
-        meet(&a, &b).await;
-        let (mut ann, ann_nick) = chatter(&server_a).await;
-        let (bob, bob_nick) = chatter(&server_b).await;
-        let bob_id = bob.id_on(&server_b);
-        eventually("a lists bob", PATIENCE, || a.members(LOBBY).len() == 2).await;
+        let Pair {
+            a,
+            b,
+            server_a,
+            server_b,
+            mut ann,
+            ann_nick,
+            bob,
+            bob_nick,
+            bob_id,
+        } = pair(&nats.url(), &relay.url(), quick_options).await;
 
         relay.cut();
         let cut = Instant::now();
@@ -928,6 +968,54 @@ async fn a_silent_node_is_dropped_after_its_timeout_and_taken_back() {
         drop((ann, bob));
         stop(server_a, &a).await;
         stop(server_b, &b).await;
+    })
+    .await;
+}
+
+/// Ensure a node that comes back as a new run under the same name before the others
+/// take it for gone (a crash and a quick restart) is taken as a new node: the members
+/// of its earlier run leave at once, and their rooms are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_as_a_new_run_takes_its_earlier_members_away() {
+    bounded(async {
+        let nats = Nats::start().await;
+        let mut relay = Relay::start(nats.addr()).await;
+        // Nobody times out during the test: only the new run can take bob away.
+        let patient = || {
+            let mut options = quick_options();
+            options.node_timeout = Duration::from_secs(60);
+            options
+        };
+        let Pair {
+            a,
+            b,
+            server_a,
+            server_b,
+            mut ann,
+            bob,
+            bob_nick,
+            bob_id,
+            ..
+        } = pair(&nats.url(), &relay.url(), patient).await;
+
+        // b's first run falls silent, and a second one joins under its name.
+        relay.cut();
+        let b_again = node_on(&nats.url(), "b", patient()).await;
+        let before = ann
+            .until(&format!("* {bob_nick} left (their server went away)"))
+            .await;
+        assert!(before.iter().all(|l| !l.contains(" left")), "{before:?}");
+        assert_eq!(a.members(LOBBY).len(), 1);
+        assert!(a.members(LOBBY).iter().all(|m| m.id != bob_id));
+        let nodes = a.nodes();
+        assert_eq!(nodes.len(), 1, "{nodes:?}");
+        assert_eq!((&*nodes[0].name, nodes[0].memberships), ("b", 0));
+        assert_eq!(a.stats().nodes_lost, 0);
+
+        drop((ann, bob));
+        stop(server_a, &a).await;
+        stop(server_b, &b).await;
+        b_again.leave().await;
     })
     .await;
 }
