@@ -6,6 +6,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
+use common::pki::{self, Pki};
 use common::{bounded, exchange, round_trip, serve};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use linedancer::admin::Admin;
 use linedancer::examples::{Balance, Echo, Gateway, GatewayStats};
 use linedancer::{
     Connection, Error, Handler, ProxyProtocol, Server, ServerHandle, ShutdownReport, Stream,
+    TlsConfig,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -107,6 +109,41 @@ async fn a_unix_socket_client_is_relayed_intact() {
         assert!(echoed == data, "the relayed bytes differ from those sent");
         gateway.wait_connections(|n| n == 0).await;
         assert_eq!(gateway.stats().bytes_in, data.len() as u64);
+        gateway.shutdown().await;
+        echo.shutdown().await;
+    })
+    .await;
+}
+
+/// Ensure a gateway that takes TLS from its clients (TLS offload) relays the plain
+/// bytes intact both ways, and ends the client's side with a TLS close_notify once the
+/// upstream has closed: the client reads to a clean end of stream, not a truncation.
+#[tokio::test]
+async fn a_tls_client_is_relayed_intact_and_closed_cleanly() {
+    bounded(async {
+        let echo = serve::<Echo>().await;
+        let pki = Pki::new();
+        let cert = pki.server("gateway", &["localhost"], false);
+        let gateway = Server::builder()
+            .port(0)
+            .tls(TlsConfig::pem_files(&cert.cert, &cert.key))
+            .handler(Gateway::new(vec![echo.local_addr()]).unwrap())
+            .start()
+            .await
+            .unwrap();
+        let stream = pki::connect(pki.client(&[]), gateway.local_addr(), "localhost")
+            .await
+            .expect("handshake");
+        let mut data = vec![0; 1 << 20];
+        fastrand::fill(&mut data);
+        // round_trip reads to the end of the stream, which fails on a TLS stream cut
+        // without close_notify.
+        let echoed = round_trip(stream, &data).await;
+        assert!(echoed == data, "the relayed bytes differ from those sent");
+        gateway.wait_connections(|n| n == 0).await;
+        let stats = echo.stats();
+        assert_eq!((stats.bytes_in, stats.bytes_out), (1 << 20, 1 << 20));
+        assert_eq!(gateway.stats().bytes_in, 1 << 20);
         gateway.shutdown().await;
         echo.shutdown().await;
     })

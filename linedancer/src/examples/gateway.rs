@@ -8,14 +8,19 @@
 //! timeout marks that upstream down and the next one is tried, so the client never sees
 //! the failed one. Health checks (a TCP connect every few seconds, the upstream's host
 //! name resolved again each time) mark upstreams down and up again. Optionally the
-//! upstream first gets a PROXY protocol v2 header with the client's address. Then
-//! tokio's [`copy_bidirectional`] moves bytes both ways and passes a half-close on: when
-//! one side stops sending, the other side's write half is shut down, and the relay ends
-//! once both directions have. The server's idle timeout (no byte moved either way) and
-//! send timeout (a side that takes none of the bytes waiting for it) apply to both
-//! sides; the relay holds one 8 KiB buffer each way, so what waits for a slow side is
-//! bounded by construction. When the server shuts down, the relay stops and both
-//! sockets are closed. Per-upstream counters are read through [`GatewayStats`].
+//! upstream first gets a PROXY protocol v2 header with the client's address. Then the
+//! relay moves bytes both ways and passes a half-close on, as tokio's
+//! [`copy_bidirectional`](tokio::io::copy_bidirectional) does: when one side stops
+//! sending, the other side's write half is shut down, and the relay ends once both
+//! directions have. Each direction holds an 8 KiB buffer only while bytes read from one
+//! side wait for the other to take them, taken from and given back to a pool of the
+//! thread's: an idle relay holds none, and what waits for a slow side is bounded by
+//! construction. The server's idle timeout (no byte moved either way) and send timeout
+//! (a side that takes none of the bytes waiting for it) apply to both sides. When the
+//! server shuts down, the relay stops and both sockets are closed. Per-upstream
+//! counters are read through [`GatewayStats`].
+
+mod relay;
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::io::{copy_bidirectional, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -471,7 +476,7 @@ impl Gateway {
             activity: &activity,
         };
         let relayed = tokio::select! {
-            relayed = copy_bidirectional(&mut from, &mut to) => relayed,
+            relayed = relay::relay(&mut from, &mut to) => relayed,
             reason = activity.expired(limits.idle_timeout, limits.send_timeout) => {
                 debug!(upstream = %upstream.name, %reason, "relay cut");
                 conn.record_close(reason);
