@@ -18,6 +18,9 @@ Scenarios: `small-50` (50 connections, 32-byte messages, one at a time),
 `churn-50` (50 workers each connecting, echoing one message and closing, again and
 again). CPU is the relay's (utime + stime, all threads, from /proc/PID/stat), per
 request; per byte it is the same ratio, as both relays move the same bytes.
+`idle-5000` opens 5,000 connections through each relay, freshly started, and leaves
+them idle: the growth of the relay's resident memory (VmRSS) divided by 5,000 is what
+an idle relayed connection costs it (both of its sockets, its buffers, its state).
 
     python3 bench/gateway_compare.py                         # 4 rounds of 3 s
     python3 bench/gateway_compare.py --rounds 6 --scenarios 64k-50,small-50
@@ -45,13 +48,16 @@ SCENARIOS = {
     "pipelined-50x16": ["echo", "--conns", "50", "--size", "32", "--pipeline", "16"],
     "64k-50": ["echo", "--conns", "50", "--size", "65536"],
     "churn-50": ["connect", "--conns", "50"],
+    "idle-5000": ["hold", "--conns", "5000"],
 }
+# Scenarios measured on freshly started relays, for the memory their connections take.
+FRESH = {"idle-5000"}
 RELAYS = ["linedancer", "haproxy", "haproxy-splice"]
 
 HAPROXY_CONFIG = """
 global
     nbthread 1
-    maxconn 5000
+    maxconn 6000
 defaults
     mode tcp
     timeout connect 5s
@@ -114,6 +120,26 @@ def run_once(process, addr, scenario, args):
     return json.loads(out.stdout)
 
 
+def kind_of(relay, args):
+    """What runs as `relay`: a second HAProxy in the gateway's place with --a-a."""
+    return "haproxy" if args.a_a and relay == "linedancer" else relay
+
+
+def run_fresh(relay, kind, upstream, scenario, args, workdir):
+    """A hold scenario through a relay started for it alone; adds the memory each
+    connection took (the relay's VmRSS growth over the connections opened)."""
+    process, addr = start_relay(kind, upstream, workdir)
+    try:
+        result = run_once(process, addr, scenario, args)
+    finally:
+        stop_server(process)
+    if result.get("errors_total") or not result.get("server_rss_after_bytes"):
+        raise RuntimeError(f"{relay}: {scenario} did not hold every connection: {result}")
+    grown = result["server_rss_after_bytes"] - result["server_rss_before_bytes"]
+    result["rss_per_conn"] = grown / result["connections_opened"]
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -147,10 +173,17 @@ def main():
             started = {}
             try:
                 for relay in order:
-                    kind = "haproxy" if args.a_a and relay == "linedancer" else relay
-                    started[relay] = start_relay(kind, upstream, workdir)
+                    started[relay] = start_relay(kind_of(relay, args), upstream, workdir)
                 for scenario in scenarios:
                     for relay in order:
+                        if scenario in FRESH:
+                            result = run_fresh(relay, kind_of(relay, args), upstream,
+                                               scenario, args, workdir)
+                            runs[scenario][relay].append(result)
+                            print(f"round {round_number + 1} {scenario:<16} "
+                                  f"{labels[relay]:<15} {result['rss_per_conn'] / 1e3:>9.2f} "
+                                  "kB per connection", flush=True)
+                            continue
                         result = run_once(*started[relay], scenario, args)
                         runs[scenario][relay].append(result)
                         print(f"round {round_number + 1} {scenario:<16} {labels[relay]:<15} "
@@ -170,7 +203,7 @@ def main():
           f"ratio vs splice | {first} CPU µs/req | HAProxy CPU µs/req | HAProxy splice "
           "CPU µs/req | CPU ratio | CPU ratio vs splice |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for scenario in scenarios:
+    for scenario in (s for s in scenarios if s not in FRESH):
         per = runs[scenario]
         rate = [spread([r["requests_per_sec"] for r in per[relay]], lambda v: f"{v:,.0f}")[0]
                 for relay in RELAYS]
@@ -183,6 +216,20 @@ def main():
               f"{cpu[0]} | {cpu[1]} | {cpu[2]} | "
               f"{paired(ours, per['haproxy'], 'server_cpu_us_per_request')} | "
               f"{paired(ours, per['haproxy-splice'], 'server_cpu_us_per_request')} |")
+
+    fresh = [s for s in scenarios if s in FRESH]
+    if fresh:
+        print(f"\n| scenario | {first} kB per connection | HAProxy kB | HAProxy splice kB "
+              "| ratio | ratio vs splice |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    for scenario in fresh:
+        per = runs[scenario]
+        memory = [spread([r["rss_per_conn"] / 1e3 for r in per[relay]],
+                         lambda v: f"{v:.2f}")[0] for relay in RELAYS]
+        ours = per["linedancer"]
+        print(f"| {scenario} | {memory[0]} | {memory[1]} | {memory[2]} | "
+              f"{paired(ours, per['haproxy'], 'rss_per_conn')} | "
+              f"{paired(ours, per['haproxy-splice'], 'rss_per_conn')} |")
 
 
 if __name__ == "__main__":
