@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{bounded, serve, LineClient};
+use linedancer::cluster::ClusterMessage;
 use linedancer::codec::Lines;
 use linedancer::examples::{
     Chat, ChatMessage, Rooms, ANNOUNCE_LIMIT, LOBBY, MAX_MESSAGE_LENGTH, WHO_LIMIT,
@@ -708,5 +709,32 @@ fn chat_commands_in_the_harness() {
     assert_eq!(
         rooms.members("kitchen"),
         vec![(ConnectionId(7), "bob".into())]
+    );
+}
+
+/// Ensure the line for members lost with their node names them in one bounded line:
+/// up to `WHO_LIMIT`, then how many more; and that there is none for nobody.
+#[test]
+fn members_lost_with_their_node_are_one_bounded_line() {
+    let line = |nicks: &[Arc<str>]| match ChatMessage::members_lost(LOBBY, nicks) {
+        Some(ChatMessage::Line(line)) => Some(line.to_string()),
+        Some(other) => panic!("not a line: {other:?}"),
+        None => None,
+    };
+    assert_eq!(line(&[]), None);
+    assert_eq!(
+        line(&["ann".into()]).as_deref(),
+        Some("* ann left (their server went away)")
+    );
+    let many: Vec<Arc<str>> = (0..WHO_LIMIT + 10)
+        .map(|n| format!("n{n}").into())
+        .collect();
+    let named: Vec<String> = (0..WHO_LIMIT).map(|n| format!("n{n}")).collect();
+    assert_eq!(
+        line(&many),
+        Some(format!(
+            "* {} and 10 more left (their server went away)",
+            named.join(", ")
+        ))
     );
 }

@@ -15,9 +15,9 @@
 //! it is alive once a second, and sends everything it has to a node that missed a
 //! change or has just arrived. A node that stops saying it is alive for
 //! [`ClusterOptions::node_timeout`] is taken for gone, with its members; the local
-//! members of their groups are sent what [`ClusterMessage::member_lost`] makes of each
-//! (the chat's "* nick left (their server went away)"), unless this node is cut off
-//! from the bus itself. [`Names`] hands out names that are unique across the cluster,
+//! members of each of their groups are sent one message,
+//! [`ClusterMessage::members_lost`] (the chat's "* ann, bob left (their server went
+//! away)"), unless this node is cut off from the bus itself. [`Names`] hands out names that are unique across the cluster,
 //! such as nicks.
 //!
 //! When the bus goes away, local delivery goes on; messages for other nodes are
@@ -1202,7 +1202,7 @@ trait Deliver: Send + Sync {
     fn group(&self, group: &str, except: Option<ConnectionId>, message: Bytes) -> Option<()>;
     /// A message for connection `to`.
     fn direct(&self, to: ConnectionId, message: Bytes) -> Option<()>;
-    /// Members of `group` on another node went with it.
+    /// Members of `group` on another node went with it: one message for them all.
     fn lost(&self, group: &str, members: &Group);
 }
 
@@ -1229,16 +1229,18 @@ impl<M: ClusterMessage> Deliver for Glue<M> {
     }
 
     fn lost(&self, group: &str, members: &Group) {
-        let Some(connections) = self.connections.upgrade() else {
-            return;
-        };
         let mut members: Vec<_> = members.iter().collect();
         members.sort_unstable_by_key(|(id, _)| **id);
-        for (_, label) in members {
-            if let Some(message) = M::member_lost(group, label) {
-                connections.broadcast_local(group, &|| message.clone(), None);
-            }
+        let labels: Vec<Arc<str>> = members.into_iter().map(|(_, l)| Arc::clone(l)).collect();
+        if labels.is_empty() {
+            return;
         }
+        let (Some(message), Some(connections)) =
+            (M::members_lost(group, &labels), self.connections.upgrade())
+        else {
+            return;
+        };
+        connections.broadcast_local(group, &|| message.clone(), None);
     }
 }
 

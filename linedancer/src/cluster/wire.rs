@@ -40,13 +40,15 @@ pub trait ClusterMessage: Clone + Send + 'static {
     /// `None` for bytes that are not one (they are dropped and counted).
     fn decode(bytes: Bytes) -> Option<Self>;
 
-    /// What this node's members of `group` are sent for a member of another node that
-    /// went with its node (it stopped answering, left, or came back as a new run)
-    /// without leaving first, `label` being what it joined as
-    /// ([`Ctx::join_as`](crate::Ctx::join_as)); the chat's "* nick left". `None`, the
-    /// default: nothing is sent.
-    fn member_lost(group: &str, label: &str) -> Option<Self> {
-        let _ = (group, label);
+    /// What this node's members of `group` are sent, once, when members of another
+    /// node went with it (it stopped answering, left, or came back as a new run)
+    /// without leaving first: `labels` are what they joined as
+    /// ([`Ctx::join_as`](crate::Ctx::join_as)), in the order of their connection ids.
+    /// One message for them all, so that a node lost with thousands of members costs
+    /// each member here one message; the chat's "* ann, bob left (their server went
+    /// away)". `None`, the default: nothing is sent.
+    fn members_lost(group: &str, labels: &[Arc<str>]) -> Option<Self> {
+        let _ = (group, labels);
         None
     }
 }

@@ -14,7 +14,8 @@
 //! On a [cluster](crate::cluster) ([`Rooms::clustered`]), rooms span the nodes: lines,
 //! comings and goings reach the room's members on every node, `/who` lists them all,
 //! and nicks are unique across the cluster. The members of a node that stops answering
-//! leave with it: their rooms hear `* nick left (their server went away)`.
+//! leave with it: each of their rooms hears one line, `* ann, bob left (their server
+//! went away)`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -91,9 +92,10 @@ impl ClusterMessage for ChatMessage {
         }
     }
 
-    fn member_lost(_room: &str, nick: &str) -> Option<Self> {
+    fn members_lost(_room: &str, nicks: &[Arc<str>]) -> Option<Self> {
+        let names = names(nicks.iter().cloned())?;
         Some(ChatMessage::Line(
-            format!("* {nick} left (their server went away)").into(),
+            format!("* {names} left (their server went away)").into(),
         ))
     }
 }
@@ -187,7 +189,6 @@ impl Rooms {
     /// The answer to `/who` for `me` in `room`: one line, naming at most
     /// [`WHO_LIMIT`] others and counting the rest.
     fn who(&self, room: &str, me: ConnectionId, my_nick: &str) -> String {
-        let mut line = format!("* in {room}: {my_nick} (you)");
         let local: Vec<Arc<str>> = (self.lock().rooms.get(room).into_iter())
             .flat_map(|members| members.iter())
             .filter(|(id, _)| **id != me)
@@ -200,19 +201,10 @@ impl Rooms {
                 .filter(move |member| &*member.node != node)
                 .map(|member| member.label)
         });
-        let mut more = 0usize;
-        for (named, nick) in local.into_iter().chain(remote).enumerate() {
-            if named < WHO_LIMIT {
-                // Writing to a String cannot fail.
-                let _ = write!(line, ", {nick}");
-            } else {
-                more += 1;
-            }
+        match names(local.into_iter().chain(remote)) {
+            Some(others) => format!("* in {room}: {my_nick} (you), {others}"),
+            None => format!("* in {room}: {my_nick} (you)"),
         }
-        if more > 0 {
-            let _ = write!(line, " and {more} more");
-        }
-        line
     }
 
     fn lock(&self) -> MutexGuard<'_, Members> {
@@ -223,6 +215,27 @@ impl Rooms {
 
 /// One chat client: its nick and its room.
 ///
+/// `nicks` as a list for a line: at most [`WHO_LIMIT`] named, separated by commas,
+/// and how many more; `None` for none.
+fn names(nicks: impl IntoIterator<Item = Arc<str>>) -> Option<String> {
+    let mut nicks = nicks.into_iter();
+    let mut list = String::from(&*nicks.next()?);
+    let mut more = 0usize;
+    for (named, nick) in nicks.enumerate() {
+        if named + 1 < WHO_LIMIT {
+            list.push_str(", ");
+            list.push_str(&nick);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        // Writing to a String cannot fail.
+        let _ = write!(list, " and {more} more");
+    }
+    Some(list)
+}
+
 /// Every client starts as `guest<n>` in [`LOBBY`] (`guest<node tag>-<n>` on a cluster). A line is sent to everyone else in
 /// the room as `<nick> line`; lines starting with `/` are commands:
 ///
