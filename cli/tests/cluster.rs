@@ -572,6 +572,17 @@ async fn scale_out() {
         "round 3, after NATS restarted",
     )
     .await;
+    // Nobody was told of a loss again: not for the killed node, not for NATS's restart.
+    for &i in &survivors {
+        let told: Vec<&String> = (clients[i].other.iter())
+            .filter(|l| l.ends_with(" left (their server went away)"))
+            .collect();
+        assert!(
+            told.is_empty(),
+            "{} was told again: {told:?}",
+            clients[i].nick
+        );
+    }
     for (node, _) in &mut nodes[1..] {
         assert!(node.child.try_wait().unwrap().is_none(), "a node exited");
     }
