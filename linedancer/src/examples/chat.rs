@@ -213,22 +213,16 @@ impl Rooms {
     }
 }
 
-/// One chat client: its nick and its room.
-///
 /// `nicks` as a list for a line: at most [`WHO_LIMIT`] named, separated by commas,
 /// and how many more; `None` for none.
 fn names(nicks: impl IntoIterator<Item = Arc<str>>) -> Option<String> {
     let mut nicks = nicks.into_iter();
     let mut list = String::from(&*nicks.next()?);
-    let mut more = 0usize;
-    for (named, nick) in nicks.enumerate() {
-        if named + 1 < WHO_LIMIT {
-            list.push_str(", ");
-            list.push_str(&nick);
-        } else {
-            more += 1;
-        }
+    for nick in nicks.by_ref().take(WHO_LIMIT - 1) {
+        list.push_str(", ");
+        list.push_str(&nick);
     }
+    let more = nicks.count();
     if more > 0 {
         // Writing to a String cannot fail.
         let _ = write!(list, " and {more} more");
@@ -236,6 +230,8 @@ fn names(nicks: impl IntoIterator<Item = Arc<str>>) -> Option<String> {
     Some(list)
 }
 
+/// One chat client: its nick and its room.
+///
 /// Every client starts as `guest<n>` in [`LOBBY`] (`guest<node tag>-<n>` on a cluster). A line is sent to everyone else in
 /// the room as `<nick> line`; lines starting with `/` are commands:
 ///

@@ -97,39 +97,41 @@ impl Pipe {
                 self.unflushed = true;
             }
             if self.read_done {
-                if self.unflushed {
-                    ready!(Pin::new(&mut *to).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
+                ready!(self.flush(cx, to))?;
                 ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
                 self.done = true;
                 break;
             }
             let mut buffer = take();
             let mut read = ReadBuf::new(&mut buffer);
-            match Pin::new(&mut *from).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    if n == 0 {
-                        self.read_done = true;
-                        give(buffer);
-                    } else {
-                        self.pending = Some((buffer, 0, n));
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    give(buffer);
-                    return Poll::Ready(Err(e));
-                }
+            let polled = Pin::new(&mut *from).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            if matches!(polled, Poll::Ready(Ok(()))) && n > 0 {
+                self.pending = Some((buffer, 0, n));
+                continue;
+            }
+            give(buffer);
+            match polled {
+                Poll::Ready(Ok(())) => self.read_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    give(buffer);
-                    if self.unflushed {
-                        ready!(Pin::new(&mut *to).poll_flush(cx))?;
-                        self.unflushed = false;
-                    }
+                    ready!(self.flush(cx, to))?;
                     return Poll::Pending;
                 }
             }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes `to` if bytes were written to it since it last was.
+    fn flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if self.unflushed {
+            ready!(Pin::new(to).poll_flush(cx))?;
+            self.unflushed = false;
         }
         Poll::Ready(Ok(()))
     }
