@@ -105,7 +105,9 @@ const SYNC_RETRY: Duration = Duration::from_secs(2);
 /// message bus behind the same four calls.
 ///
 /// A bus delivers what is published on a topic to every other node subscribed to it
-/// (not back to the publisher), in the order each publisher published.
+/// (not back to the publisher), in the order each publisher published; a subscription
+/// made before a publish is in place for what other nodes publish once they have
+/// received that publish (NATS: one connection's commands are taken in order).
 pub trait Bus: Send + Sync + 'static {
     /// Publishes `payload` on `topic`.
     fn publish(&self, topic: String, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>>;
@@ -275,9 +277,15 @@ mod kind {
 enum Outbound {
     /// A message for a topic.
     Publish(String, Bytes),
+    /// A subscription to a topic, asked for in turn with the messages: the stream, or
+    /// why the bus refused.
+    Subscribe(String, oneshot::Sender<Subscribed>),
     /// Say when everything before has reached the bus.
     Flush(oneshot::Sender<()>),
 }
+
+/// What the bus answers a subscription with.
+type Subscribed = Result<BoxStream<'static, Bytes>, BusError>;
 
 /// What a group's members on a node are: connection → label.
 type Group = HashMap<ConnectionId, Arc<str>>;
@@ -663,8 +671,25 @@ impl Core {
         let core = Arc::downgrade(self);
         let bus = Arc::clone(&self.bus);
         let topic = self.group_topic(&group);
+        // Asked for through the publisher, before the change that tells the other nodes
+        // of the group's first member here: once they list it, what they broadcast to
+        // the group reaches this node. With the queue full, the bus is far behind and
+        // the subscription is asked for at once.
+        let (answer, subscribed) = oneshot::channel();
+        let in_turn = (self.outbound)
+            .try_send(Outbound::Subscribe(topic.clone(), answer))
+            .is_ok();
         let task = self.runtime.spawn(async move {
-            let stream = match bus.subscribe(topic).await {
+            let subscribed = if in_turn {
+                match subscribed.await {
+                    Ok(subscribed) => subscribed,
+                    // The publisher has ended: so has the node.
+                    Err(_) => return,
+                }
+            } else {
+                bus.subscribe(topic).await
+            };
+            let stream = match subscribed {
                 Ok(stream) => stream,
                 Err(e) => {
                     warn!(%group, error = %e, "cluster: cannot subscribe to a group");
@@ -1154,6 +1179,11 @@ async fn publish(core: Weak<Core>, mut queue: mpsc::Receiver<Outbound>) {
         let Some(core) = core.upgrade() else { return };
         let (topic, payload) = match message {
             Outbound::Publish(topic, payload) => (topic, payload),
+            Outbound::Subscribe(topic, answer) => {
+                // A group left meanwhile drops the stream, and so the subscription.
+                let _ = answer.send(core.bus.subscribe(topic).await);
+                continue;
+            }
             Outbound::Flush(done) => {
                 if let Err(e) = core.bus.flush().await {
                     debug!(error = %e, "cluster: flush failed");
